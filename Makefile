@@ -1,0 +1,43 @@
+# Two commands for a fresh machine:  make run  (a local cluster)  and  make test.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test unit lint typecheck bench bench-storage system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $@
+
+## Start three nodes and the proxy on 127.0.0.1:8080-8083 in one process.
+run: $(STAMP)
+	$(BIN)/twistd -n shardkv cluster
+
+## System packages some tests use (libfiu for fsync faults, faketime for clock skew).
+system-deps:
+	@./scripts/system-deps fiu-utils faketime
+
+## Everything CI checks: lint, types, then every test.
+test: $(STAMP) system-deps lint typecheck
+	$(BIN)/pytest
+
+unit: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	@./scripts/system-deps wrk
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .tox .mypy_cache .ruff_cache .pytest_cache .hypothesis

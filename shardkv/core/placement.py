@@ -1,0 +1,293 @@
+"""Placement: which nodes hold a key.
+
+A consistent-hash ring with virtual nodes and weights. A node puts
+C{round(weight * vnodes)} points on a ring of C{2**64} positions; a key
+belongs to the first point at or after its own position (clockwise), and its
+preference list is the distinct nodes met walking on from there.
+
+Why a ring: adding a node only moves keys I{to} it and removing a node only
+moves I{its} keys, which is what lets a cluster grow without reshuffling
+data. Jump hashing can only drop the last bucket, and rendezvous hashing
+costs a hash per node per lookup.
+
+Why so many points: a node's share is the sum of the gaps in front of its
+points, so its relative error is about C{sqrt((N - 1) / N / points)}.
+Ketama's 160 points leave the busiest of 10 nodes 13 % above average and
+1000 points still 5 %. Placing a node's points with regard to the other
+nodes could do better, but would then move keys that did not have to move.
+With L{DEFAULT_VNODES} = 32768 the error is 0.5 %, below the binomial noise
+of a 100k-key sample (0.95 % per node at N = 10), and the busiest of 10
+nodes exceeds 1.05 x the mean key count in about 1 ring in 60000 (1 in 5000
+at 16384 points; measured in C{tests/test_placement.py}). The price is 330k
+points for 10 nodes: 4 MB, built in a few tenths of a second.
+
+How it stays cheap: a node's points are its id's SHAKE-128 stream cut into
+64-bit numbers, dealt round-robin into C{2**k} equal strata (about 64 points
+per node per stratum) and kept uniform inside each. Strata are sorted one by
+one, twice as fast as one big sort, and a lookup first picks its slice of
+the ring from a small table, so the binary search stays within a few dozen
+neighbouring points instead of missing the cache at every step. A heavier
+weight only extends a node's stream, so re-weighting moves only the keys
+that the node gains or loses.
+
+Why these hashes: positions must agree across processes and machines, so
+never Python's C{hash()}. Keys are hashed with 8-byte BLAKE2b, the fastest
+well-mixing hash in C{hashlib} here (0.6 us against 0.8 us for MD5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from itertools import chain, repeat
+
+HASH_SPACE: int = 2**64
+DEFAULT_VNODES: int = 32768
+
+_POINT_DOMAIN = b"shardkv-ring\x00"
+_STRATA = 256
+_MIN_POINTS_PER_STRATUM = 64
+_POINTS_PER_SLICE = 32
+
+
+def hash_key(key: str | bytes) -> int:
+    """The key's position on the ring, in C{[0, HASH_SPACE)}.
+
+    Strings are hashed as UTF-8 so that a key has one position whichever
+    route it arrived by. This function is part of the data layout: changing
+    it moves almost every key.
+    """
+    data = key.encode("utf-8") if isinstance(key, str) else key
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def _points(node: str, count: int, strata: int) -> tuple[int, ...]:
+    """The first C{count} points of C{node}, the same in every process.
+
+    With C{strata} = 256, point C{j} is moved into stratum C{j % 256} by
+    overwriting its top byte, which keeps it uniform within that stratum.
+    """
+    stream = bytearray(hashlib.shake_128(_POINT_DOMAIN + node.encode("utf-8")).digest(8 * count))
+    if strata > 1:
+        cycle = bytes(range(strata))
+        stream[::8] = cycle * (count // strata) + cycle[: count % strata]
+    return struct.unpack(f">{count}Q", stream)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPlacement:
+    """Where a key lives and why, for operators asking "where is my key?".
+
+    C{position} is the index of the ring point the key landed on and C{token}
+    that point's place on the ring, so the answer can be checked by hand:
+    C{token} is the first point at or after C{hash}.
+    """
+
+    hash: int
+    position: int
+    token: int
+    owner: str
+    preference_list: tuple[str, ...]
+
+
+class Ring:
+    """An immutable consistent-hash ring.
+
+    Rings are values: rings built from the same nodes, weights and C{vnodes}
+    are equal and place every key alike, in any process, whatever order the
+    nodes were listed in. A membership change builds a new ring
+    (L{with_node}, L{without_node}), so no lookup sees a half-changed ring.
+    """
+
+    __slots__ = (
+        "_nodes",
+        "_owners",
+        "_positions",
+        "_shares",
+        "_slice_shift",
+        "_slices",
+        "_vnode_counts",
+        "_vnodes",
+        "_weights",
+    )
+
+    def __init__(
+        self, nodes: Mapping[str, float] | Iterable[str], vnodes: int = DEFAULT_VNODES
+    ) -> None:
+        """Build the ring.
+
+        @param nodes: node ids mapped to weights (relative capacity, > 0), or
+            just node ids, which then all weigh 1.0.
+        @param vnodes: points per unit of weight. Fewer points build faster
+            and balance worse; see the module docstring.
+        @raise ValueError: no nodes, a duplicate or empty id, a weight that is
+            not a positive finite number, or C{vnodes < 1}.
+        """
+        if isinstance(nodes, str | bytes):
+            raise TypeError("nodes must be a collection of node ids, not a single id")
+        if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
+            raise ValueError(f"vnodes must be a positive integer, not {vnodes!r}")
+        pairs = nodes.items() if isinstance(nodes, Mapping) else ((n, 1.0) for n in nodes)
+        weights: dict[str, float] = {}
+        for node, weight in pairs:
+            if not isinstance(node, str) or not node:
+                raise ValueError(f"a node id must be a non-empty string, not {node!r}")
+            if node in weights:
+                raise ValueError(f"duplicate node id {node!r}")
+            if not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
+                raise ValueError(f"node {node!r} has weight {weight!r}; it must be > 0")
+            weights[node] = float(weight)
+        if not weights:
+            raise ValueError("a ring needs at least one node")
+
+        self._vnodes = vnodes
+        self._nodes = tuple(sorted(weights))
+        self._weights = {node: weights[node] for node in self._nodes}
+        self._vnode_counts = {node: max(1, round(w * vnodes)) for node, w in self._weights.items()}
+        self._shares: dict[str, float] | None = None
+        self._build()
+
+    def _build(self) -> None:
+        strata = _STRATA if self._vnodes >= _STRATA * _MIN_POINTS_PER_STRATUM else 1
+        streams = [_points(node, self._vnode_counts[node], strata) for node in self._nodes]
+        self._positions = array("Q")
+        self._owners = array("I")
+        for stratum in range(strata):
+            # A position drawn twice (odds about 1e-9) goes to the later node id.
+            owner_of: dict[int, int] = {}
+            for index, points in enumerate(streams):
+                owner_of.update(zip(points[stratum::strata], repeat(index)))
+            block = sorted(owner_of)
+            self._positions.extend(block)
+            self._owners.extend(map(owner_of.__getitem__, block))
+        size = len(self._positions)
+        slice_bits = min(20, (size // _POINTS_PER_SLICE).bit_length())
+        self._slice_shift = 64 - slice_bits
+        self._slices = array(
+            "I",
+            [bisect_left(self._positions, s << self._slice_shift) for s in range(1 << slice_bits)],
+        )
+        self._slices.append(size)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The node ids, sorted, so that every process lists them alike."""
+        return self._nodes
+
+    @property
+    def vnodes(self) -> int:
+        """Points per unit of weight that this ring was built with."""
+        return self._vnodes
+
+    def weight(self, node: str) -> float:
+        """The weight C{node} was given. @raise KeyError: not in the ring."""
+        return self._weights[node]
+
+    def vnode_counts(self) -> dict[str, int]:
+        """How many points each node has: its weight times C{vnodes}, at least 1."""
+        return dict(self._vnode_counts)
+
+    def shares(self) -> dict[str, float]:
+        """The exact fraction of the hash space each node owns (they sum to 1).
+
+        This is what a uniform key set converges to, so it shows the ring's
+        own imbalance without sampling noise. It walks every point, so it is
+        computed once per ring.
+        """
+        if self._shares is None:
+            arcs = [0] * len(self._nodes)
+            previous = self._positions[-1] - HASH_SPACE
+            for position, owner in zip(self._positions, self._owners, strict=True):
+                arcs[owner] += position - previous
+                previous = position
+            self._shares = {n: arc / HASH_SPACE for n, arc in zip(self._nodes, arcs, strict=True)}
+        return dict(self._shares)
+
+    def _index(self, position: int) -> int:
+        """Index of the first point at or after C{position}, wrapping to 0."""
+        part = position >> self._slice_shift
+        index = bisect_left(self._positions, position, self._slices[part], self._slices[part + 1])
+        return index if index < len(self._positions) else 0
+
+    def owner(self, key: str | bytes) -> str:
+        """The node that owns C{key}: the first on its preference list."""
+        return self._nodes[self._owners[self._index(hash_key(key))]]
+
+    def owner_of_hash(self, position: int) -> str:
+        """The owner of a position from L{hash_key}.
+
+        For callers that check many keys against several rings (a rebalancing
+        scan, the placement tests): hash each key once, look it up many times.
+        """
+        return self._nodes[self._owners[self._index(position)]]
+
+    def preference_list(self, key: str | bytes, n: int) -> list[str]:
+        """The first C{n} distinct nodes clockwise from C{key}.
+
+        The owner comes first, and the list for C{n} is a prefix of the list
+        for C{n + 1}, so raising the replication factor only adds replicas.
+        With fewer than C{n} nodes, every node is listed once.
+
+        @raise ValueError: C{n < 1}.
+        """
+        return self._walk(self._index(hash_key(key)), n)
+
+    def _walk(self, start: int, n: int) -> list[str]:
+        if n < 1:
+            raise ValueError(f"a preference list needs n >= 1, not {n}")
+        wanted = min(n, len(self._nodes))
+        owners = self._owners
+        found: list[int] = []
+        for i in chain(range(start, len(owners)), range(start)):
+            if owners[i] not in found:
+                found.append(owners[i])
+                if len(found) == wanted:
+                    break
+        return [self._nodes[index] for index in found]
+
+    def explain(self, key: str | bytes, n: int) -> KeyPlacement:
+        """Everything L{preference_list} decided for C{key}, for debugging."""
+        position = hash_key(key)
+        index = self._index(position)
+        preference = self._walk(index, n)
+        return KeyPlacement(
+            hash=position,
+            position=index,
+            token=self._positions[index],
+            owner=preference[0],
+            preference_list=tuple(preference),
+        )
+
+    def with_node(self, node: str, weight: float = 1.0) -> Ring:
+        """A new ring with C{node} added; only keys moving to C{node} change owner.
+
+        @raise ValueError: C{node} is already in the ring, or C{weight <= 0}.
+        """
+        if node in self._weights:
+            raise ValueError(f"node {node!r} is already in the ring")
+        return Ring({**self._weights, node: weight}, self._vnodes)
+
+    def without_node(self, node: str) -> Ring:
+        """A new ring without C{node}; only the keys C{node} owned change owner.
+
+        @raise ValueError: C{node} is not in the ring, or is its last node.
+        """
+        if node not in self._weights:
+            raise ValueError(f"node {node!r} is not in the ring")
+        return Ring({n: w for n, w in self._weights.items() if n != node}, self._vnodes)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ring):
+            return NotImplemented
+        return self._vnodes == other._vnodes and self._weights == other._weights
+
+    def __hash__(self) -> int:
+        return hash((self._vnodes, tuple(self._weights.items())))
+
+    def __repr__(self) -> str:
+        return f"Ring({self._weights!r}, vnodes={self._vnodes})"

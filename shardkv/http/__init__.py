@@ -1,0 +1,1 @@
+"""HTTP pieces shared by the node and the proxy."""

@@ -1,0 +1,1 @@
+"""A storage node: the data API over one storage engine."""

@@ -1,0 +1,1 @@
+"""The proxy: places keys on nodes and coordinates requests to them."""

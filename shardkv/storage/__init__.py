@@ -1,0 +1,1 @@
+"""Storage engines: where a node keeps its records."""

@@ -1,0 +1,109 @@
+"""The interface every storage engine provides to a node.
+
+Reads are synchronous: they run inline on the reactor thread because a point
+read from memory or LMDB takes microseconds, far less than a thread hop.
+Writes return Deferreds that fire only once the write is durable (as durable
+as the engine's setting promises), because a node acknowledges a write only
+after that.
+
+Every write is *newer-only*: a record is stored only if its version is newer
+than the one already stored. Replicas, hinted handoff and read repair can then
+apply writes in any order, any number of times, and still converge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+from shardkv.core.records import Record
+
+
+class StorageError(Exception):
+    """A write the engine could not make durable. ``status`` is the HTTP answer."""
+
+    status = 503
+    code = "storage_unavailable"
+
+
+class StorageFull(StorageError):
+    """No room: the disk or the engine's map is full. Writes resume when there is room."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
+class StorageFailed(StorageError):
+    """The engine failed a commit (for example fsync returned EIO) and stopped taking writes.
+
+    It never retries: after a failed fsync the kernel may have dropped the
+    dirty pages, so a retry that succeeds can still have lost data
+    (PostgreSQL's "fsyncgate").
+    """
+
+    status = 503
+    code = "storage_failed"
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    ok: bool
+    writable: bool
+    reason: str = ""
+    details: dict[str, object] = field(default_factory=dict)
+
+
+class StorageEngine(Protocol):
+    name: str
+
+    def get(self, key: str) -> Record | None:
+        """The committed record for ``key`` (possibly a tombstone), or None.
+
+        Raises L{shardkv.core.records.CorruptRecord} for a record that fails
+        its checksum; it is never returned as data.
+        """
+
+    def latest(self, key: str) -> Record | None:
+        """Like L{get}, but includes writes queued and not yet committed.
+
+        The node mints versions and checks preconditions against this, so two
+        writes queued in the same group cannot both pass an ``If-Match``.
+        """
+
+    def put(self, key: str, record: Record) -> Deferred[bool]:
+        """Store ``record`` if it is newer than what is stored.
+
+        Fires with True if stored, False if the stored version was newer or
+        equal, once durable; fails with L{StorageError} otherwise.
+        """
+
+    def scan(self, start: str = "", limit: int = 1000) -> Iterator[tuple[str, Record]]:
+        """Records in key order from ``start``, at most ``limit``; corrupt ones skipped."""
+
+    def remove_tombstone(self, key: str, record: Record) -> Deferred[bool]:
+        """Delete ``key`` outright if it still holds exactly this tombstone."""
+
+    def put_hint(self, target: str, key: str, record: Record) -> Deferred[bool]:
+        """Keep ``record`` for node ``target`` until it can be handed back (newer-only).
+
+        Hints live apart from the node's own records: a node standing in for
+        another must not serve the key as if it owned it.
+        """
+
+    def hints(self, target: str, limit: int = 100) -> list[tuple[str, Record]]:
+        """Up to ``limit`` hints waiting for ``target``, in key order."""
+
+    def hint_counts(self) -> dict[str, int]:
+        """How many hints wait for each target node."""
+
+    def remove_hint(self, target: str, key: str, record: Record) -> Deferred[bool]:
+        """Drop a delivered hint, unless a newer one replaced it meanwhile."""
+
+    def health(self) -> EngineHealth: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> Deferred[None]: ...
