@@ -16,19 +16,19 @@ Ketama's 160 points leave the busiest of 10 nodes 13 % above average and
 1000 points still 5 %. Placing a node's points with regard to the other
 nodes could do better, but would then move keys that did not have to move.
 With L{DEFAULT_VNODES} = 32768 the error is 0.5 %, below the binomial noise
-of a 100k-key sample (0.95 % per node at N = 10), and the busiest of 10
-nodes exceeds 1.05 x the mean key count in about 1 ring in 60000 (1 in 5000
-at 16384 points; measured in C{tests/test_placement.py}). The price is 330k
-points for 10 nodes: 4 MB, built in a few tenths of a second.
+of a 100k-key sample (0.95 % per node at N = 10); the busiest of 10 nodes
+then exceeds 1.05 x the mean key count in fewer than 1 ring in 20000,
+against 1 in 3500 with 16384 points and every other ring with 1000
+(C{bench/placement_quality.py}). The price is 330k points for 10 nodes:
+4 MB, built in a few tenths of a second.
 
-How it stays cheap: a node's points are its id's SHAKE-128 stream cut into
-64-bit numbers, dealt round-robin into C{2**k} equal strata (about 64 points
-per node per stratum) and kept uniform inside each. Strata are sorted one by
-one, twice as fast as one big sort, and a lookup first picks its slice of
-the ring from a small table, so the binary search stays within a few dozen
-neighbouring points instead of missing the cache at every step. A heavier
-weight only extends a node's stream, so re-weighting moves only the keys
-that the node gains or loses.
+How it stays cheap: a node's points are the first C{round(weight * vnodes)}
+numbers of the SHAKE-128 stream of its id, so a heavier weight only adds
+points, and re-weighting moves only the keys the node gains or loses. Each
+node's points are sorted on their own and merged into the ring arc by arc,
+which costs less than one sort of all points. A lookup first finds its
+slice of the ring in a table, so that the binary search runs over a few
+dozen neighbouring points instead of missing the CPU cache at every step.
 
 Why these hashes: positions must agree across processes and machines, so
 never Python's C{hash()}. Keys are hashed with 8-byte BLAKE2b, the fastest
@@ -44,14 +44,13 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from itertools import chain, repeat
+from itertools import repeat
 
 HASH_SPACE: int = 2**64
 DEFAULT_VNODES: int = 32768
 
 _POINT_DOMAIN = b"shardkv-ring\x00"
-_STRATA = 256
-_MIN_POINTS_PER_STRATUM = 64
+_POINTS_PER_ARC = 1024
 _POINTS_PER_SLICE = 32
 
 
@@ -66,17 +65,10 @@ def hash_key(key: str | bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-def _points(node: str, count: int, strata: int) -> tuple[int, ...]:
-    """The first C{count} points of C{node}, the same in every process.
-
-    With C{strata} = 256, point C{j} is moved into stratum C{j % 256} by
-    overwriting its top byte, which keeps it uniform within that stratum.
-    """
-    stream = bytearray(hashlib.shake_128(_POINT_DOMAIN + node.encode("utf-8")).digest(8 * count))
-    if strata > 1:
-        cycle = bytes(range(strata))
-        stream[::8] = cycle * (count // strata) + cycle[: count % strata]
-    return struct.unpack(f">{count}Q", stream)
+def _points(node: str, count: int) -> list[int]:
+    """The first C{count} points of C{node}, sorted; the same in every process."""
+    stream = hashlib.shake_128(_POINT_DOMAIN + node.encode("utf-8")).digest(8 * count)
+    return sorted(struct.unpack(f">{count}Q", stream))
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,15 +145,20 @@ class Ring:
         self._build()
 
     def _build(self) -> None:
-        strata = _STRATA if self._vnodes >= _STRATA * _MIN_POINTS_PER_STRATUM else 1
-        streams = [_points(node, self._vnode_counts[node], strata) for node in self._nodes]
+        runs = [_points(node, self._vnode_counts[node]) for node in self._nodes]
+        arc_bits = min(8, (sum(map(len, runs)) // _POINTS_PER_ARC).bit_length())
+        arcs = 1 << arc_bits
+        cuts = [
+            [bisect_left(run, arc << (64 - arc_bits)) for arc in range(arcs)] + [len(run)]
+            for run in runs
+        ]
         self._positions = array("Q")
         self._owners = array("I")
-        for stratum in range(strata):
+        for arc in range(arcs):
             # A position drawn twice (odds about 1e-9) goes to the later node id.
             owner_of: dict[int, int] = {}
-            for index, points in enumerate(streams):
-                owner_of.update(zip(points[stratum::strata], repeat(index)))
+            for index, (run, cut) in enumerate(zip(runs, cuts, strict=True)):
+                owner_of.update(zip(run[cut[arc] : cut[arc + 1]], repeat(index)))
             block = sorted(owner_of)
             self._positions.extend(block)
             self._owners.extend(map(owner_of.__getitem__, block))
@@ -231,7 +228,9 @@ class Ring:
 
         The owner comes first, and the list for C{n} is a prefix of the list
         for C{n + 1}, so raising the replication factor only adds replicas.
-        With fewer than C{n} nodes, every node is listed once.
+        With fewer than C{n} nodes, every node is listed once. The walk takes
+        a few steps per node listed, unless it must reach a node with very
+        few points (a tiny weight), which can take a good part of the ring.
 
         @raise ValueError: C{n < 1}.
         """
@@ -242,13 +241,13 @@ class Ring:
             raise ValueError(f"a preference list needs n >= 1, not {n}")
         wanted = min(n, len(self._nodes))
         owners = self._owners
-        found: list[int] = []
-        for i in chain(range(start, len(owners)), range(start)):
-            if owners[i] not in found:
-                found.append(owners[i])
-                if len(found) == wanted:
-                    break
-        return [self._nodes[index] for index in found]
+        found = [owners[start]]
+        index = start
+        while len(found) < wanted:
+            index = index + 1 if index + 1 < len(owners) else 0
+            if owners[index] not in found:
+                found.append(owners[index])
+        return [self._nodes[i] for i in found]
 
     def explain(self, key: str | bytes, n: int) -> KeyPlacement:
         """Everything L{preference_list} decided for C{key}, for debugging."""
