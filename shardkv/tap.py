@@ -191,11 +191,26 @@ class ProxyOptions(_ServerOptions):
             "Largest value accepted.",
             _positive(int, "--max-value-bytes"),
         ],
+        [
+            "replicas",
+            None,
+            3,
+            "Copies of each key (N); fewer while the cluster is smaller.",
+            _positive(int, "--replicas"),
+        ],
+        ["r", None, 2, "Default read quorum R (a request may set ?r=).", _positive(int, "--r")],
+        ["w", None, 2, "Default write quorum W (a request may set ?w=).", _positive(int, "--w")],
+        ["proxy-id", None, None, "Name of this proxy in versions it mints (default proxy-PORT)."],
+        ["clock-offset-ms", None, 0, "Skew this proxy's wall clock (for testing).", int],
     ]
 
     def postOptions(self) -> None:
         super().postOptions()
         self["nodes"] = parse_nodes(self["nodes"])
+        if self["r"] > self["replicas"] or self["w"] > self["replicas"]:
+            raise usage.UsageError("--r and --w must not exceed --replicas")
+        if self["proxy-id"] is None:
+            self["proxy-id"] = f"proxy-{self['port']}"
 
 
 class ClusterOptions(NodeOptions):
@@ -315,6 +330,11 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             pool_size=sub["pool-size"],
             health_interval=sub["health-interval"],
             access_log=sub["access-log"],
+            replicas=sub["replicas"],
+            r=sub["r"],
+            w=sub["w"],
+            writer_id=sub["proxy-id"],
+            clock_offset_ms=sub["clock-offset-ms"],
         )
     return _cluster(sub, reactor)
 

@@ -38,6 +38,9 @@ def make_node(node_id: str, clock: MemoryReactorClock, offset_ms: int = 0) -> No
     )
 
 
+PROXY_WRITER = "proxy-test"
+
+
 class HostDispatch(Resource):
     """Routes a request to a resource by its full Host header (with the port).
 
@@ -81,7 +84,15 @@ class FaultyHTTP:
 class MemoryCluster:
     """Nodes, proxy and clock wired together in memory."""
 
-    def __init__(self, node_ids: Iterable[str], timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        node_ids: Iterable[str],
+        timeout: float = 2.0,
+        *,
+        replicas: int = 3,
+        r: int = 2,
+        w: int = 2,
+    ) -> None:
         self.clock = MemoryReactorClock()
         self.nodes = {n: make_node(n, self.clock) for n in node_ids}
         self.dispatch = HostDispatch()
@@ -92,6 +103,9 @@ class MemoryCluster:
         self.client = NodeClient(self.network, self.clock, timeout)
         self.ring = Ring(list(self.nodes))
         self.health = HealthMonitor(self.ring.nodes, self.client.health, self.clock)
-        self.coordinator = Coordinator(self.ring, self.client, self.health)
+        versions = VersionClock(PROXY_WRITER, lambda: int(self.clock.seconds() * 1000))
+        self.coordinator = Coordinator(
+            self.ring, self.client, self.health, versions, replicas=replicas, r=r, w=w
+        )
         self.proxy_app = ProxyApp(self.coordinator, DEFAULT_MAX_VALUE_BYTES)
         self.proxy = StubTreq(self.proxy_app.app.resource())

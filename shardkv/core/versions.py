@@ -21,6 +21,7 @@ keeps its clock strictly increasing.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ from dataclasses import dataclass
 _WRITER = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 _TEXT = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})-(.*)$", re.ASCII)
 _U64 = 1 << 64
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_writer(writer: str) -> bool:
+    """Cached: a store sees few distinct writers, and every read builds versions."""
+    return _WRITER.match(writer) is not None
 
 
 class VersionError(ValueError):
@@ -42,7 +49,7 @@ class Version:
 
     def __post_init__(self) -> None:
         in_range = 1 <= self.counter < _U64 and 0 <= self.clock_ms < _U64
-        if not in_range or not _WRITER.match(self.writer):
+        if not in_range or not _valid_writer(self.writer):
             raise VersionError(f"not a valid version: {self!r}")
 
     def __str__(self) -> str:

@@ -112,9 +112,17 @@ class NodeApp:
 
     @app.route("/replica/kv/<key:_key>", methods=["GET"])
     def replica_get(self, request: IRequest, _key: str) -> bytes:
-        """The stored record as replication sees it, tombstones included."""
+        """The stored record as replication sees it, tombstones included.
+
+        A corrupt record answers as missing, so the coordinator's read repair
+        overwrites it with a good copy from another replica.
+        """
         key = path_key(request, REPLICA_PREFIX)
-        record = self._stored(key)
+        try:
+            record = self.engine.get(key)
+        except CorruptRecord as e:
+            message = f"the record for {key!r} is corrupt: {e}"
+            raise ApiError(404, "corrupt_record", message) from None
         if record is None:
             raise ApiError(404, "not_found", f"no record for key {key!r}")
         request.setHeader(VERSION_HEADER, str(record.version).encode())

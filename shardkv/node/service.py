@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,6 +10,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 
 from shardkv.core.versions import VersionClock
 from shardkv.http.client import HTTPClientService
@@ -18,7 +20,9 @@ from shardkv.http.site import make_site
 from shardkv.node.app import NodeApp
 from shardkv.node.handoff import HintHandoff
 from shardkv.node.tombstones import DEFAULT_GRACE_SECONDS, TombstoneCollector
-from shardkv.storage.engine import StorageEngine
+from shardkv.storage.engine import StorageEngine, StorageStartupError
+
+log = Logger(namespace="shardkv.node")
 
 
 class NodeService(MultiService):
@@ -33,7 +37,15 @@ class NodeService(MultiService):
         self.engine = engine
 
     def startService(self) -> None:
-        self.engine.start()
+        try:
+            self.engine.start()
+        except StorageStartupError as e:
+            # A clear one-line reason beats a traceback: the operator must act.
+            message = f"shardkv: cannot start the node: {e}"
+            log.critical("{message}", message=message)
+            # twistd has replaced sys.stderr with its log by now; say it on the terminal too.
+            print(message, file=sys.__stderr__, flush=True)
+            raise SystemExit(1) from None
         super().startService()
 
     def stopService(self) -> Deferred[None]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.iweb import IRequest
 
 from shardkv.core.conditions import Precondition
@@ -46,27 +46,43 @@ class ProxyApp:
 
     @app.route("/cluster", methods=["GET"])
     def cluster(self, request: IRequest) -> bytes:
-        ring = self.coordinator.ring
+        coordinator = self.coordinator
+        ring, health = coordinator.ring, coordinator.health
         shares = ring.shares()
         vnodes = ring.vnode_counts()
+        n, r, w = coordinator.levels(Consistency())
         nodes = [
             {
                 "node": node,
                 "weight": ring.weight(node),
                 "vnodes": vnodes[node],
                 "share": round(shares[node], 6),
-                "health": self.coordinator.health.state(node).as_json(),
+                "health": health.state(node).as_json(),
+                "hints_waiting": health.hints_waiting(node),
             }
             for node in ring.nodes
         ]
-        return json_body(request, 200, {"nodes": nodes})
+        payload = {
+            "replicas": n,
+            "r": r,
+            "w": w,
+            "undelivered": len(coordinator.undelivered),
+            "nodes": nodes,
+        }
+        return json_body(request, 200, payload)
 
     @app.route("/explain", methods=["GET"])
-    def explain(self, request: IRequest) -> bytes:
+    async def explain(self, request: IRequest) -> bytes:
+        """Where a key lives, and what each of its replicas holds right now."""
         key = query_key(request)
-        ring = self.coordinator.ring
+        coordinator = self.coordinator
+        ring, health = coordinator.ring, coordinator.health
+        n, _, _ = coordinator.levels(Consistency())
         placement = ring.explain(key, len(ring.nodes))
-        health = self.coordinator.health
+        replicas = list(placement.preference_list[:n])
+        states = await gatherResults(
+            [Deferred.fromCoroutine(self._replica_state(node, key)) for node in replicas]
+        )
         return json_body(
             request,
             200,
@@ -74,9 +90,21 @@ class ProxyApp:
                 "key": key,
                 "hash": placement.hash,
                 "position": placement.position,
+                "token": placement.token,
                 "owner": placement.owner,
-                "preference_list": [
-                    {"node": n, "status": health.state(n).status} for n in placement.preference_list
+                "replicas": [
+                    {"node": node, "status": health.state(node).status, **state}
+                    for node, state in zip(replicas, states, strict=True)
                 ],
+                "preference_list": list(placement.preference_list),
             },
         )
+
+    async def _replica_state(self, node: str, key: str) -> dict[str, object]:
+        try:
+            record = await self.coordinator.nodes.replica_get(node, key)
+        except Exception as e:  # an explanation reports failures, it does not fail
+            return {"version": None, "error": str(e)}
+        if record is None:
+            return {"version": None}
+        return {"version": str(record.version), "tombstone": record.tombstone}

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 
 from shardkv.core.placement import Ring
+from shardkv.core.versions import VersionClock
 from shardkv.http.client import HTTPClientService
 from shardkv.http.dataroutes import body_limit_for
 from shardkv.http.nodeclient import NodeClient
@@ -30,7 +33,17 @@ def make_proxy_service(
     pool_size: int = 64,
     health_interval: float = 1.0,
     access_log: bool = False,
+    replicas: int = 3,
+    r: int = 2,
+    w: int = 2,
+    writer_id: str | None = None,
+    clock_offset_ms: int = 0,
 ) -> MultiService:
+    """The proxy: ring, node client, health checks and coordinator behind a Site.
+
+    ``writer_id`` names this proxy in the versions it mints; a random
+    incarnation suffix keeps two runs of one proxy from minting equal ones.
+    """
     service = MultiService()
     client = HTTPClientService(reactor, max_per_host=pool_size)
     client.setServiceParent(service)
@@ -38,7 +51,13 @@ def make_proxy_service(
     ring = Ring(nodes) if vnodes is None else Ring(nodes, vnodes=vnodes)
     health = HealthMonitor(ring.nodes, node_client.health, reactor, health_interval)
     health.service().setServiceParent(service)
-    app = ProxyApp(Coordinator(ring, node_client, health), max_value_bytes)
+    writer = f"{writer_id or 'proxy'}.{secrets.token_hex(3)}"
+    versions = VersionClock(writer, lambda: int(reactor.seconds() * 1000) + clock_offset_ms)
+    coordinator = Coordinator(ring, node_client, health, versions, replicas=replicas, r=r, w=w)
+    retry = TimerService(1.0, lambda: Deferred.fromCoroutine(coordinator.retry_undelivered()))
+    retry.clock = reactor
+    retry.setServiceParent(service)
+    app = ProxyApp(coordinator, max_value_bytes)
     site = make_site(app.app.resource(), body_limit_for(max_value_bytes), access_log)
     for description in listen:
         endpoint = serverFromString(reactor, description)

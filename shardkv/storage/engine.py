@@ -22,6 +22,10 @@ from twisted.internet.defer import Deferred
 from shardkv.core.records import Record
 
 
+class StorageStartupError(Exception):
+    """The engine cannot open its data directory; the message says which and why."""
+
+
 class StorageError(Exception):
     """A write the engine could not make durable. ``status`` is the HTTP answer."""
 
