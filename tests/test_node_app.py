@@ -47,7 +47,6 @@ ENCODED_KEYS = [
 ]
 
 
-
 class DataAPIContract(_ContractBase):
     """
     The data API every server of it (a node, the proxy) must honour.
