@@ -86,7 +86,11 @@ class NodeClient:
         url = f"http://{node}{path}".encode("ascii")
 
         async def exchange() -> tuple[int, Any, bytes]:
-            response = await self._http.request(method, url, **kwargs)
+            # A node never redirects, and the body is read at once: skip
+            # treq's redirect and buffering wrappers on this hot path.
+            response = await self._http.request(
+                method, url, allow_redirects=False, unbuffered=True, **kwargs
+            )
             body = await treq.content(response)
             return response.code, response.headers, body
 

@@ -294,18 +294,13 @@ class Coordinator:
         self._node_failed(target.node, failure)
         quorum.add(target, _reply_kind(failure))
         check()
-        if target.hint_for is None:
-            self._hint_elsewhere(key, record, target.node, preference, n)
-
-    def _hint_elsewhere(
-        self, key: str, record: Record, home: str, preference: list[str], n: int
-    ) -> None:
-        """A home replica missed a write: leave a hint so it still gets it."""
-        holders = [p for p in preference[n:] + preference[:n] if p != home]
+        home = target.hint_for or target.node
+        holders = [p for p in preference[n:] + preference[:n] if p not in (home, target.node)]
         Deferred.fromCoroutine(self._keep_for(home, key, record, holders))
 
     async def _keep_for(self, home: str, key: str, record: Record, holders: list[str]) -> None:
-        """Hand ``record`` to the first live holder that takes it, else keep it here.
+        """A replica missed a write: hand ``record`` to the first live holder
+        that takes it as a hint for ``home``, else keep it here.
 
         A record nobody could take waits in a bounded queue on this proxy
         and is retried by L{retry_undelivered}; only a proxy restart (or an
