@@ -52,21 +52,20 @@ def replica_targets(
 
     A down home replica is replaced by the next live node after the first
     ``n`` (Dynamo's sloppy quorum), which keeps the record as a hint and hands
-    it back when the home replica returns. With no live node left to stand
-    in, the hint goes to the first live home replica's hint store instead: the
-    record then still reaches the down node later.
+    it back when the home replica returns. When there are more down home
+    replicas than live spares, the live nodes share the extra hints, so every
+    down replica gets its missed write as long as any node is up.
     """
     home = list(preference[:n])
-    spare = [node for node in preference[n:] if not is_down(node)]
+    spares = [node for node in preference[n:] if not is_down(node)]
     live_home = [node for node in home if not is_down(node)]
+    sharing = spares or live_home
+    fresh = iter(spares)
     targets = [Target(node) for node in live_home]
-    for node in home:
-        if not is_down(node):
-            continue
-        if spare:
-            targets.append(Target(spare.pop(0), hint_for=node))
-        elif live_home:
-            targets.append(Target(live_home[0], hint_for=node))
+    for i, node in enumerate(node for node in home if is_down(node)):
+        stand_in = next(fresh, None) or (sharing[i % len(sharing)] if sharing else None)
+        if stand_in is not None:
+            targets.append(Target(stand_in, hint_for=node))
     return targets
 
 
@@ -75,7 +74,9 @@ class WriteQuorum:
     """Counts acknowledgements of one write until it can answer.
 
     Only home replicas count towards W, unless ``sloppy``: a stand-in's
-    hinted copy is not a replica a later quorum read would consult.
+    hinted copy is not a replica a later quorum read would consult. Either
+    way W counts distinct nodes, so a stand-in keeping several hints is one
+    copy.
     """
 
     targets: Sequence[Target]
@@ -89,22 +90,33 @@ class WriteQuorum:
     def _counts(self, target: Target) -> bool:
         return target.hint_for is None or self.sloppy
 
+    def _acked(self) -> set[str]:
+        return {t.node for t, r in self.replies.items() if r is Reply.OK and self._counts(t)}
+
     @property
     def acks(self) -> int:
-        return sum(1 for t, r in self.replies.items() if r is Reply.OK and self._counts(t))
+        return len(self._acked())
 
     @property
     def pending(self) -> int:
-        return sum(1 for t in self.targets if t not in self.replies and self._counts(t))
+        """Distinct counting nodes that have not acknowledged and may still."""
+        waiting = {t.node for t in self.targets if t not in self.replies and self._counts(t)}
+        return len(waiting - self._acked())
 
     def outcome(self) -> Outcome | None:
-        """OK once W acknowledged; otherwise None until W is out of reach."""
+        """OK once W acknowledged; otherwise None until W is out of reach.
+
+        Out of reach, the write is FAILED (applied nowhere) only if every
+        target answered and none may hold it; a target still in flight, or
+        one that timed out, may yet apply it: UNKNOWN.
+        """
         if self.acks >= self.w:
             return Outcome.OK
         if self.acks + self.pending >= self.w:
             return None
-        maybe = self.acks > 0 or any(r in (Reply.OK, Reply.UNKNOWN) for r in self.replies.values())
-        return Outcome.UNKNOWN if maybe else Outcome.FAILED
+        in_flight = any(t not in self.replies for t in self.targets)
+        maybe = any(r in (Reply.OK, Reply.UNKNOWN) for r in self.replies.values())
+        return Outcome.UNKNOWN if in_flight or maybe else Outcome.FAILED
 
 
 @dataclass

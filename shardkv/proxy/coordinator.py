@@ -233,6 +233,7 @@ class Coordinator:
                 extra={"acks": 0, "required": w, "outcome": "not_applied", "down": down},
             )
         done, check = _first(lambda: quorum.outcome() is not None)
+        calls = []
         for target in targets:
             call = Deferred.fromCoroutine(
                 self.nodes.replica_put(target.node, key, record, target.hint_for)
@@ -241,9 +242,13 @@ class Coordinator:
                 self._write_ok,
                 self._write_failed,
                 callbackArgs=(quorum, target, check),
-                errbackArgs=(quorum, target, check, key, record, preference, n),
+                errbackArgs=(quorum, target, check),
             )
+            calls.append(call)
         check()
+        gatherResults(calls).addCallback(
+            lambda _: self._hint_missed(key, record, quorum, preference, n)
+        )
         await done
         outcome = quorum.outcome()
         if outcome is Outcome.OK:
@@ -281,22 +286,28 @@ class Coordinator:
         check()
 
     def _write_failed(
-        self,
-        failure: Failure,
-        quorum: WriteQuorum,
-        target: Target,
-        check: Any,
-        key: str,
-        record: Record,
-        preference: list[str],
-        n: int,
+        self, failure: Failure, quorum: WriteQuorum, target: Target, check: Any
     ) -> None:
         self._node_failed(target.node, failure)
         quorum.add(target, _reply_kind(failure))
         check()
-        home = target.hint_for or target.node
-        holders = [p for p in preference[n:] + preference[:n] if p not in (home, target.node)]
-        Deferred.fromCoroutine(self._keep_for(home, key, record, holders))
+
+    def _hint_missed(
+        self, key: str, record: Record, quorum: WriteQuorum, preference: list[str], n: int
+    ) -> None:
+        """Once every target answered: make sure each replica that missed the write gets it.
+
+        Not for a write that failed everywhere: the client was told it was
+        not applied, and a hint would apply it later.
+        """
+        if quorum.outcome() is Outcome.FAILED:
+            return
+        for target, reply in quorum.replies.items():
+            if reply is Reply.OK:
+                continue
+            home = target.hint_for or target.node
+            holders = [p for p in preference[n:] + preference[:n] if p not in (home, target.node)]
+            Deferred.fromCoroutine(self._keep_for(home, key, record, holders))
 
     async def _keep_for(self, home: str, key: str, record: Record, holders: list[str]) -> None:
         """A replica missed a write: hand ``record`` to the first live holder
