@@ -361,5 +361,6 @@ def _cluster(sub: ClusterOptions, reactor: Any) -> MultiService:
         max_value_bytes=sub["max-value-bytes"],
         timeout=sub["timeout"],
         access_log=sub["access-log"],
+        writer_id=f"proxy-{sub['port']}",
     ).setServiceParent(top)
     return top

@@ -85,7 +85,10 @@ class StorageEngine(Protocol):
         """
 
     def scan(self, start: str = "", limit: int = 1000) -> Iterator[tuple[str, Record]]:
-        """Records in key order from ``start``, at most ``limit``; corrupt ones skipped."""
+        """Records in the engine's key order from ``start``, at most ``limit``; corrupt skipped.
+
+        Paginate by passing the last key returned as the next ``start``.
+        """
 
     def remove_tombstone(self, key: str, record: Record) -> Deferred[bool]:
         """Delete ``key`` outright if it still holds exactly this tombstone."""
