@@ -17,7 +17,7 @@ from twisted.python import usage
 
 from shardkv.http.dataroutes import DEFAULT_MAX_VALUE_BYTES
 from shardkv.node.service import make_node_service
-from shardkv.proxy.service import make_proxy_service
+from shardkv.proxy.service import DEFAULT_PIPELINE_DEPTH, make_proxy_service
 from shardkv.storage.engine import StorageEngine
 from shardkv.storage.memory import MemoryEngine
 
@@ -56,17 +56,19 @@ def parse_nodes(text: str) -> dict[str, float]:
     return nodes
 
 
-def _positive(kind: type, name: str) -> Callable[[str], Any]:
+def _positive(kind: type, name: str, allow_zero: bool = False) -> Callable[[str], Any]:
+    """A coercer for numbers above zero (or at least zero)."""
+
     def coerce(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise ValueError(f"{name} must be a number, not {text!r}") from None
-        if value <= 0:
-            raise ValueError(f"{name} must be positive")
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ValueError(f"{name} must be {'zero or more' if allow_zero else 'positive'}")
         return value
 
-    coerce.coerceDoc = "Must be positive."  # type: ignore[attr-defined]
+    coerce.coerceDoc = "Zero or more." if allow_zero else "Must be positive."  # type: ignore[attr-defined]
     return coerce
 
 
@@ -176,6 +178,13 @@ class ProxyOptions(_ServerOptions):
             64,
             "Persistent connections kept per node.",
             _positive(int, "--pool-size"),
+        ],
+        [
+            "pipeline-depth",
+            None,
+            DEFAULT_PIPELINE_DEPTH,
+            "Replica batches in flight per node; 0 sends one request per operation.",
+            _positive(int, "--pipeline-depth", allow_zero=True),
         ],
         [
             "health-interval",
@@ -328,6 +337,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             timeout=sub["timeout"],
             vnodes=sub["vnodes"],
             pool_size=sub["pool-size"],
+            pipeline_depth=sub["pipeline-depth"],
             health_interval=sub["health-interval"],
             access_log=sub["access-log"],
             replicas=sub["replicas"],

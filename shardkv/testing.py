@@ -92,6 +92,7 @@ class MemoryCluster:
         replicas: int = 3,
         r: int = 2,
         w: int = 2,
+        pipeline_depth: int = 1,
     ) -> None:
         self.clock = MemoryReactorClock()
         self.nodes = {n: make_node(n, self.clock) for n in node_ids}
@@ -100,7 +101,7 @@ class MemoryCluster:
             self.dispatch.hosts[node_id.encode()] = app.app.resource()
         self.node_http = StubTreq(self.dispatch)
         self.network = FaultyHTTP(self.node_http)
-        self.client = NodeClient(self.network, self.clock, timeout)
+        self.client = NodeClient(self.network, self.clock, timeout, pipeline_depth)
         self.ring = Ring(list(self.nodes))
         self.health = HealthMonitor(self.ring.nodes, self.client.health, self.clock)
         versions = VersionClock(PROXY_WRITER, lambda: int(self.clock.seconds() * 1000))

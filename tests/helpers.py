@@ -184,10 +184,17 @@ def memory_cluster(
     replicas: int = 3,
     r: int = 2,
     w: int = 2,
+    pipeline_depth: int = 1,
 ) -> MemoryCluster:
-    """A fresh L{MemoryCluster} (nodes, health, clock) over a shared ring."""
+    """A fresh L{MemoryCluster} (nodes, health, clock) over a shared ring.
+
+    Replica operations travel in batches, as they do in a real proxy,
+    unless ``pipeline_depth`` is 0.
+    """
     with mock.patch.object(testing, "Ring", lambda ids: shared_ring(tuple(ids))):
-        return MemoryCluster(nodes, timeout, replicas=replicas, r=r, w=w)
+        return MemoryCluster(
+            nodes, timeout, replicas=replicas, r=r, w=w, pipeline_depth=pipeline_depth
+        )
 
 
 def cluster_http(case: SynchronousTestCase, cluster: MemoryCluster) -> HTTP:
@@ -340,7 +347,20 @@ class NetworkFaults:
 
 
 def install_faults(cluster: MemoryCluster) -> NetworkFaults:
-    """Put a L{NetworkFaults} between C{cluster.network} and the nodes."""
+    """Put a L{NetworkFaults} between C{cluster.network} and the nodes.
+
+    Its faults are per replica operation, so the proxy is switched to one
+    request per operation (no batches); tests/test_pipeline.py covers
+    batching itself.
+    """
+    assert not cluster.client.pipelines, "install faults before the first request"
+    cluster.client.pipeline_depth = 0
     faults = NetworkFaults(cluster.network.inner, cluster.clock)
     cluster.network.inner = faults
     return faults
+
+
+U64 = 2**64 - 1
+"""The largest version counter and clock a record can carry."""
+WRITER_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-"
+"""The characters a version's writer id may use."""

@@ -34,13 +34,12 @@ from shardkv.core.records import (
     encode,
 )
 from shardkv.core.versions import Version, VersionClock, VersionError, newest
+from tests.helpers import U64, WRITER_ALPHABET
 
 # No example database: the tests must not leave a .hypothesis/ in the tree,
 # and a deadline only makes a loaded CI machine flaky.
 PROPERTY = settings(database=None, deadline=None, max_examples=200)
 
-U64 = 2**64 - 1
-WRITER_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-"
 NINETY_SECONDS_MS = 90_000
 
 writers = st.text(alphabet=WRITER_ALPHABET, min_size=1, max_size=128)

@@ -365,7 +365,7 @@ def test_kill9_churn_loses_no_acknowledged_write(procs: ProcessSet, tmp_path: Pa
     config = WorkloadConfig(
         urls=[proxy.url],
         keys=keys,
-        clients=16,
+        clients=48,
         write_rate=C1_WRITE_RATE,
         read_fraction=0.2,
         duration=4 * C1_LOAD_SECONDS,  # a cap; the end is set once the kills are done

@@ -189,6 +189,7 @@ class PlacementTests(SynchronousTestCase):
                     "share": round(shares[node], 6),
                     "health": UNKNOWN,
                     "hints_waiting": 0,
+                    "pipelines": {},
                 },
             )
             self.assertGreater(entry["vnodes"], 0)

@@ -103,6 +103,11 @@ class WriteQuorum:
         waiting = {t.node for t in self.targets if t not in self.replies and self._counts(t)}
         return len(waiting - self._acked())
 
+    @property
+    def complete(self) -> bool:
+        """Every target has answered (or failed)."""
+        return len(self.replies) >= len(self.targets)
+
     def outcome(self) -> Outcome | None:
         """OK once W acknowledged; otherwise None until W is out of reach.
 

@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 from werkzeug.routing import BaseConverter
 
+from shardkv.core import batch
 from shardkv.core.conditions import Precondition, parse_etags
 from shardkv.core.keys import InvalidKey, check_key, key_from_bytes, key_from_path
 from shardkv.core.records import DEFAULT_CONTENT_TYPE, Record
@@ -86,21 +87,29 @@ def _then(value: Maybe[T], f: Callable[[T], R]) -> Maybe[R]:
     return f(value)
 
 
-def body_limit_for(max_value_bytes: int) -> Callable[[bytes, bytes], int]:
+def body_limit_for(
+    max_value_bytes: int, replica_routes: bool = False
+) -> Callable[[bytes, bytes], int]:
     """The body limit per route, checked before the body is read.
 
     A ``/kv`` PUT carries the raw value. The seed API's JSON body may escape
     every byte of the value as ``\\u00XX`` (six bytes), so it gets six times
     the value limit plus room for the key; the decoded value is then held to
-    the value limit itself.
+    the value limit itself. Only nodes (``replica_routes``) take the larger
+    bodies of the replica routes; a proxy refuses them before reading.
     """
     json_limit = 6 * max_value_bytes + JSON_ENVELOPE_SLACK
 
     def limit(method: bytes, path: bytes) -> int:
-        if method == b"PUT" and path.startswith((b"/kv/", b"/replica/kv/")):
+        if method == b"PUT" and path.startswith(b"/kv/"):
             return max_value_bytes
         if method == b"POST" and path in (b"/set", b"/delete"):
             return json_limit
+        if replica_routes:
+            if method == b"PUT" and path.startswith(b"/replica/kv/"):
+                return max_value_bytes
+            if method == b"POST" and path == b"/replica/batch":
+                return batch.MAX_REQUEST_BYTES
         return SMALL_BODY_LIMIT
 
     return limit

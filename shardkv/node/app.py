@@ -7,13 +7,15 @@ so no other request can slip between the check and the write.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
+from shardkv.core import batch
 from shardkv.core.conditions import Precondition
 from shardkv.core.records import CorruptRecord, Record
 from shardkv.core.versions import Version, VersionClock, VersionError
@@ -146,14 +148,73 @@ class NodeApp:
         value = request.content.read()
         tombstone = request.getHeader(TOMBSTONE_HEADER) == b"1"
         ctype = (request.getHeader(b"content-type") or b"").decode("ascii", "replace")
-        record = Record(version, value, ctype, tombstone, stored_ms=self.now_ms())
         hint_for = request.args.get(b"hint_for", [b""])[0].decode("utf-8", "replace")
-        if hint_for:
-            d = self.engine.put_hint(hint_for, key, record)
-        else:
-            d = self.engine.put(key, record)
+        d = self._accept(key, Record(version, value, ctype, tombstone), hint_for or None)
         d.addErrback(_storage_error)
         return d.addCallback(lambda applied: json_body(request, 200, {"applied": applied}))
+
+    def _accept(self, key: str, record: Record, hint_for: str | None) -> Deferred[bool]:
+        """Store a replicated record if newer, or keep it as a hint for ``hint_for``."""
+        local = dataclasses.replace(record, stored_ms=self.now_ms())
+        if hint_for is not None:
+            return self.engine.put_hint(hint_for, key, local)
+        return self.engine.put(key, local)
+
+    @app.route("/replica/batch", methods=["POST"])
+    def replica_batch(self, request: IRequest) -> Deferred[bytes]:
+        """Many replica reads and writes in one exchange (see L{shardkv.core.batch}).
+
+        Reads answer from the engine at once; writes join the same group
+        commit, and the response waits until every one of them is durable.
+        """
+        try:
+            ops = batch.decode_request(request.content.read())
+        except batch.BatchError as e:
+            raise bad_request(str(e), "invalid_batch") from None
+        inline_left = batch.MAX_INLINE_TOTAL
+        answers: list[Deferred[batch.Result]] = []
+        for op in ops:
+            if isinstance(op, batch.GetOp):
+                result = self._batch_get(op.key, inline_left)
+                if result.record is not None:
+                    inline_left -= len(result.record.value)
+                answers.append(succeed(result))
+            else:
+                answers.append(self._batch_put(op))
+        done = gatherResults(answers)
+        return done.addCallback(
+            lambda results: self._batch_body(request, batch.encode_response(results))
+        )
+
+    def _batch_get(self, key: str, inline_left: int) -> batch.Result:
+        try:
+            record = self.engine.get(key)
+        except CorruptRecord as e:
+            return batch.Result(404, error="corrupt_record", message=f"{key!r} is corrupt: {e}")
+        if record is None:
+            return batch.Result(404, error="not_found", message=f"no record for key {key!r}")
+        if not batch.fits(record) or len(record.value) > inline_left:
+            return batch.Result(200, inline=False)
+        return batch.Result(200, record=record)
+
+    def _batch_put(self, op: batch.PutOp) -> Deferred[batch.Result]:
+        if len(op.record.value) > self.max_value_bytes:
+            message = f"the value is over this node's {self.max_value_bytes}-byte limit"
+            return succeed(batch.Result(413, error="value_too_large", message=message))
+        d = self._accept(op.key, op.record, op.hint_for)
+
+        def failed(failure: Failure) -> batch.Result:
+            failure.trap(StorageError)
+            err = failure.value
+            assert isinstance(err, StorageError)
+            return batch.Result(err.status, error=err.code, message=f"{self.node_id}: {err}")
+
+        return d.addCallbacks(lambda applied: batch.Result(200, applied=applied), failed)
+
+    @staticmethod
+    def _batch_body(request: IRequest, body: bytes) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return body
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shardkv.http.errors import ApiError
-from shardkv.http.nodeclient import NodeClient, NodeTimeout, NodeUnreachable
+from shardkv.http.nodeclient import NodeBusy, NodeClient, NodeTimeout, NodeUnreachable
 from shardkv.storage.engine import StorageEngine, StorageError
 
 log = Logger(namespace="shardkv.node.handoff")
@@ -42,17 +42,14 @@ class HintHandoff:
         hints = self._engine.hints(target, self._batch)
         for start in range(0, len(hints), self._window):
             chunk = hints[start : start + self._window]
-            calls = [
-                Deferred.fromCoroutine(self._client.replica_put(target, key, rec))
-                for key, rec in chunk
-            ]
+            calls = [self._client.replica_put(target, key, rec) for key, rec in chunk]
             results = await DeferredList(calls, consumeErrors=True)
             for (ok, value), (key, record) in zip(results, chunk, strict=True):
                 if ok:
                     await self._engine.remove_hint(target, key, record)
                     self.delivered += 1
                 elif isinstance(value, Failure) and not value.check(
-                    NodeUnreachable, NodeTimeout, ApiError, StorageError
+                    NodeUnreachable, NodeTimeout, NodeBusy, ApiError, StorageError
                 ):
                     log.failure("handing a hint to {target}", value, target=target)
             if not all(ok for ok, _ in results):

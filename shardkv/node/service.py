@@ -71,11 +71,13 @@ def make_node_service(
     peer_timeout: float = 2.0,
 ) -> NodeService:
     app = NodeApp(node_id, engine, VersionClock(node_id, now_ms), max_value_bytes, now_ms)
-    site = make_site(app.app.resource(), body_limit_for(max_value_bytes), access_log)
+    site = make_site(
+        app.app.resource(), body_limit_for(max_value_bytes, replica_routes=True), access_log
+    )
     service = NodeService(engine)
     client = HTTPClientService(reactor, max_per_host=16)
     client.setServiceParent(service)
-    handoff = HintHandoff(engine, NodeClient(client, reactor, peer_timeout))
+    handoff = HintHandoff(engine, NodeClient(client, reactor, peer_timeout, pipeline_depth=1))
     handoff.service(handoff_interval, reactor).setServiceParent(service)
     collector = TombstoneCollector(engine, now_ms, tombstone_grace)
     collector.service(min(tombstone_grace, 3600.0), reactor).setServiceParent(service)

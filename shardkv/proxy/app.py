@@ -59,6 +59,7 @@ class ProxyApp:
                 "share": round(shares[node], 6),
                 "health": health.state(node).as_json(),
                 "hints_waiting": health.hints_waiting(node),
+                "pipelines": coordinator.nodes.pipeline_stats(node),
             }
             for node in ring.nodes
         ]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -47,9 +47,7 @@ log = Logger(namespace="shardkv.proxy.coordinator")
 
 def _reply_kind(failure: Failure) -> Reply:
     """May the failed call have been applied? Only if it was sent and not answered."""
-    if failure.check(NodeTimeout):
-        return Reply.UNKNOWN
-    if isinstance(failure.value, NodeUnreachable):
+    if isinstance(failure.value, NodeTimeout | NodeUnreachable):
         return Reply.UNKNOWN if failure.value.sent else Reply.FAILED
     return Reply.FAILED
 
@@ -110,12 +108,18 @@ class Coordinator:
         replicas = self.ring.preference_list(key, n)
         quorum = ReadQuorum(replicas, r)
         done, check = _first(lambda: quorum.outcome() is not None)
+
+        def landed() -> None:
+            check()
+            if quorum.pending == 0:
+                self._repair(key, quorum)
+
         calls = []
         for node in replicas:
             if self.health.is_down(node):
                 quorum.fail(node)
                 continue
-            call = Deferred.fromCoroutine(self.nodes.replica_get(node, key))
+            call = self.nodes.replica_get(node, key)
             # A replica with hints still waiting for it may be stale. A read
             # quorum that intersects every write quorum (R + W > N) outvotes
             # it anyway; a smaller one must not count it.
@@ -123,12 +127,11 @@ class Coordinator:
             call.addCallbacks(
                 self._read_ok,
                 self._read_failed,
-                callbackArgs=(quorum, node, counts, check),
-                errbackArgs=(quorum, node, check),
+                callbackArgs=(quorum, node, counts, landed),
+                errbackArgs=(quorum, node, landed),
             )
             calls.append(call)
         check()
-        gatherResults(calls).addCallback(lambda _: self._repair(key, quorum))
         try:
             await done
         except CancelledError:
@@ -144,15 +147,15 @@ class Coordinator:
 
     @staticmethod
     def _read_ok(
-        record: Record | None, quorum: ReadQuorum, node: str, counts: bool, check: Any
+        record: Record | None, quorum: ReadQuorum, node: str, counts: bool, landed: Any
     ) -> None:
         quorum.add(node, record, counts=counts)
-        check()
+        landed()
 
-    def _read_failed(self, failure: Failure, quorum: ReadQuorum, node: str, check: Any) -> None:
+    def _read_failed(self, failure: Failure, quorum: ReadQuorum, node: str, landed: Any) -> None:
         self._node_failed(node, failure)
         quorum.fail(node, _reply_kind(failure))
-        check()
+        landed()
 
     def _read_error(self, quorum: ReadQuorum, r: int) -> ApiError:
         failed = sorted(quorum.failed)
@@ -171,7 +174,7 @@ class Coordinator:
             return
         for node in quorum.stale():
             self.repairs += 1
-            call = Deferred.fromCoroutine(self.nodes.replica_put(node, key, newest))
+            call = self.nodes.replica_put(node, key, newest)
             call.addErrback(self._node_failed_quietly, node)
 
     def _node_failed_quietly(self, failure: Failure, node: str) -> None:
@@ -232,24 +235,23 @@ class Coordinator:
                 f"{'is' if len(down) == 1 else 'are'} down; nothing was written",
                 extra={"acks": 0, "required": w, "outcome": "not_applied", "down": down},
             )
-        done, check = _first(lambda: quorum.outcome() is not None)
-        calls = []
+        decided, check = _first(lambda: quorum.outcome() is not None)
+
+        def landed() -> None:
+            check()
+            if quorum.complete:
+                self._hint_missed(key, record, quorum, preference, n)
+
         for target in targets:
-            call = Deferred.fromCoroutine(
-                self.nodes.replica_put(target.node, key, record, target.hint_for)
-            )
+            call = self.nodes.replica_put(target.node, key, record, target.hint_for)
             call.addCallbacks(
                 self._write_ok,
                 self._write_failed,
-                callbackArgs=(quorum, target, check),
-                errbackArgs=(quorum, target, check),
+                callbackArgs=(quorum, target, landed),
+                errbackArgs=(quorum, target, landed),
             )
-            calls.append(call)
         check()
-        gatherResults(calls).addCallback(
-            lambda _: self._hint_missed(key, record, quorum, preference, n)
-        )
-        await done
+        await decided
         outcome = quorum.outcome()
         if outcome is Outcome.OK:
             return
@@ -281,16 +283,16 @@ class Coordinator:
         )
 
     @staticmethod
-    def _write_ok(_: bool, quorum: WriteQuorum, target: Target, check: Any) -> None:
+    def _write_ok(_: bool, quorum: WriteQuorum, target: Target, landed: Any) -> None:
         quorum.add(target, Reply.OK)
-        check()
+        landed()
 
     def _write_failed(
-        self, failure: Failure, quorum: WriteQuorum, target: Target, check: Any
+        self, failure: Failure, quorum: WriteQuorum, target: Target, landed: Any
     ) -> None:
         self._node_failed(target.node, failure)
         quorum.add(target, _reply_kind(failure))
-        check()
+        landed()
 
     def _hint_missed(
         self, key: str, record: Record, quorum: WriteQuorum, preference: list[str], n: int

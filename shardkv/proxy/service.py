@@ -21,6 +21,10 @@ from shardkv.proxy.app import ProxyApp
 from shardkv.proxy.coordinator import Coordinator
 from shardkv.proxy.health import HealthMonitor
 
+DEFAULT_PIPELINE_DEPTH = 1
+"""Batches in flight per node: enough to keep a node busy while the next
+batch fills, few enough that batches grow under load."""
+
 
 def make_proxy_service(
     *,
@@ -31,6 +35,7 @@ def make_proxy_service(
     timeout: float,
     vnodes: int | None = None,
     pool_size: int = 64,
+    pipeline_depth: int = DEFAULT_PIPELINE_DEPTH,
     health_interval: float = 1.0,
     access_log: bool = False,
     replicas: int = 3,
@@ -47,7 +52,7 @@ def make_proxy_service(
     service = MultiService()
     client = HTTPClientService(reactor, max_per_host=pool_size)
     client.setServiceParent(service)
-    node_client = NodeClient(client, reactor, timeout)
+    node_client = NodeClient(client, reactor, timeout, pipeline_depth)
     ring = Ring(nodes) if vnodes is None else Ring(nodes, vnodes=vnodes)
     health = HealthMonitor(ring.nodes, node_client.health, reactor, health_interval)
     health.service().setServiceParent(service)
