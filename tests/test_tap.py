@@ -231,12 +231,15 @@ def test_proxy_bad_nodes(nodes: str) -> None:
         ["--vnodes", "0"],
         ["--pool-size", "-3"],
         ["--health-interval", "0"],
+        ["--pipeline-depth", "-1"],
+        ["--pipeline-depth", "two"],
     ],
 )
 def test_proxy_bad_numbers(argv: list[str]) -> None:
     """
     If a proxy timeout, vnode count, pool size or health interval is not a
-    positive number, then parsing raises L{usage.UsageError}.
+    positive number, or the pipeline depth is negative or not a number,
+    then parsing raises L{usage.UsageError}.
     """
     with pytest.raises(usage.UsageError):
         parse("proxy", *argv)
@@ -250,6 +253,16 @@ def test_proxy_timeout_and_listen() -> None:
     options = parse("proxy", "--timeout", "0.5", "--listen", "tcp:9100:interface=127.0.0.1")
     assert options.subOptions["timeout"] == 0.5
     assert Built(options).listened() == [(9100, "127.0.0.1")]
+
+
+@pytest.mark.parametrize(("argv", "depth"), [([], 1), (["--pipeline-depth", "0"], 0)])
+def test_proxy_pipeline_depth(argv: list[str], depth: int) -> None:
+    """
+    The proxy batches replica operations with one batch in flight per node
+    by default, and C{--pipeline-depth 0} (one request per operation) is
+    accepted.
+    """
+    assert parse("proxy", *argv).subOptions["pipeline-depth"] == depth
 
 
 # -- cluster and the top level -----------------------------------------------------
