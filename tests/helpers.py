@@ -22,6 +22,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
@@ -138,6 +139,19 @@ class HTTP:
         headers: HeaderValues | None = None,
     ) -> Reply:
         return self.finish(self.start(method, path, body, headers))
+
+    def at_timeout(
+        self, clock: MemoryReactorClock, timeout: float, method: str, path: str, body: bytes | None
+    ) -> Reply:
+        """A request that is still waiting just before ``timeout`` and answered just after."""
+        d = self.start(method, path, body)
+        self.pump(d)
+        self.case.assertNoResult(d)
+        clock.advance(timeout - 0.01)
+        self.pump(d)
+        self.case.assertNoResult(d)
+        clock.advance(0.02)
+        return self.finish(d)
 
     def get(self, path: str, headers: HeaderValues | None = None) -> Reply:
         return self.request("GET", path, headers=headers)

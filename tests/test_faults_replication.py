@@ -267,6 +267,47 @@ def wait_converged(
         time.sleep(0.2)  # poll interval
 
 
+@dataclass
+class Churn:
+    """A cluster under fault load: its proxy, the keys written and their homes."""
+
+    cluster: Cluster
+    keys: list[str]
+    homes: dict[str, list[str]]
+    phases: Phases
+
+    @property
+    def proxy(self) -> Proc:
+        return self.cluster.proxy
+
+
+def churn_cluster(procs: ProcessSet, tmp_path: Path, nodes: int, prefix: str, keys: int) -> Churn:
+    """Nodes and one proxy (--health-interval 0.25, so it sees a victim back
+    within a quarter second), with the home replicas of ``keys`` keys."""
+    phases = Phases()
+    cluster = start_cluster(procs, tmp_path, nodes, proxies=[("--health-interval", "0.25")])
+    phases.done("start")
+    names = [f"{prefix}/{i:04d}" for i in range(keys)]
+    homes = home_replicas(cluster.proxy, cluster.nodes, names)
+    phases.done("explain")
+    return Churn(cluster, names, homes, phases)
+
+
+def check_after_load(
+    churn: Churn, recorder: Recorder, since: float, tmp_path: Path
+) -> tuple[Convergence, list[Violation], list[Violation]]:
+    """Wait for the written keys' replicas to converge (counting from
+    ``since``), then check the history against them: (convergence, lost
+    acknowledged writes, fabricated or stale reads)."""
+    written = {op.key for op in recorder.writes()}
+    convergence = wait_converged({k: churn.homes[k] for k in written}, since)
+    churn.phases.done("converge")
+    lost = check_final(recorder.history, newest_values(convergence.replicas))
+    reads = check_reads(recorder.history)
+    dump(recorder, tmp_path)
+    return convergence, lost, reads
+
+
 # -- reporting -----------------------------------------------------------------------
 
 
@@ -353,18 +394,13 @@ def test_kill9_churn_loses_no_acknowledged_write(procs: ProcessSet, tmp_path: Pa
     victim back, and its hints drained, within a quarter second.
     """
     rng = random.Random(SEED)
-    phases = Phases()
-    cluster = start_cluster(procs, tmp_path, C1_NODES, proxies=[("--health-interval", "0.25")])
-    phases.done("start")
-    proxy = cluster.proxy
-    keys = [f"churn/{i:04d}" for i in range(C1_KEYS)]
-    homes = home_replicas(proxy, cluster.nodes, keys)
-    phases.done("explain")
+    churn = churn_cluster(procs, tmp_path, C1_NODES, "churn", C1_KEYS)
+    cluster, proxy, phases = churn.cluster, churn.proxy, churn.phases
 
     recorder = Recorder()
     config = WorkloadConfig(
         urls=[proxy.url],
-        keys=keys,
+        keys=churn.keys,
         clients=48,
         write_rate=C1_WRITE_RATE,
         read_fraction=0.2,
@@ -394,13 +430,7 @@ def test_kill9_churn_loses_no_acknowledged_write(procs: ProcessSet, tmp_path: Pa
     phases.done("load")
     quiesced = time.monotonic()
 
-    written = {op.key for op in recorder.writes()}
-    convergence = wait_converged({k: homes[k] for k in written}, last_restart)
-    phases.done("converge")
-    final = newest_values(convergence.replicas)
-    lost = check_final(recorder.history, final)
-    reads = check_reads(recorder.history)
-    dump(recorder, tmp_path)
+    convergence, lost, reads = check_after_load(churn, recorder, last_restart, tmp_path)
     report(
         "C1 kill-9 churn",
         recorder,
@@ -440,18 +470,13 @@ def test_sigstop_pauses_bound_latency_and_lose_nothing(procs: ProcessSet, tmp_pa
     --timeout (2 s) and --health-interval 0.25.
     """
     rng = random.Random(SEED)
-    phases = Phases()
-    cluster = start_cluster(procs, tmp_path, C2_NODES, proxies=[("--health-interval", "0.25")])
-    phases.done("start")
-    proxy = cluster.proxy
-    keys = [f"pause/{i:04d}" for i in range(C2_KEYS)]
-    homes = home_replicas(proxy, cluster.nodes, keys)
-    phases.done("explain")
+    churn = churn_cluster(procs, tmp_path, C2_NODES, "pause", C2_KEYS)
+    cluster, proxy, phases = churn.cluster, churn.proxy, churn.phases
 
     recorder = Recorder()
     config = WorkloadConfig(
         urls=[proxy.url],
-        keys=keys,
+        keys=churn.keys,
         clients=8,
         write_rate=C2_WRITE_RATE,
         read_fraction=0.2,
@@ -473,14 +498,8 @@ def test_sigstop_pauses_bound_latency_and_lose_nothing(procs: ProcessSet, tmp_pa
         load_seconds = time.monotonic() - load.started
     phases.done("load")
 
-    written = {op.key for op in recorder.writes()}
-    convergence = wait_converged({k: homes[k] for k in written}, last_resume)
-    phases.done("converge")
-    final = newest_values(convergence.replicas)
-    lost = check_final(recorder.history, final)
-    reads = check_reads(recorder.history)
+    convergence, lost, reads = check_after_load(churn, recorder, last_resume, tmp_path)
     p99 = percentile(recorder.write_latencies(), 0.99)
-    dump(recorder, tmp_path)
     report(
         "C2 SIGSTOP pauses",
         recorder,

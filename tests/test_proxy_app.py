@@ -528,14 +528,7 @@ class FailureTests(SynchronousTestCase):
         """Send a request to the hung node and time it out; return the reply."""
         if not self.faults.hang_writes:
             self.cluster.network.hung.add(self.node)
-        d = self.http.start(method, path, body)
-        self.http.pump(d)
-        self.assertNoResult(d)
-        self.cluster.clock.advance(TIMEOUT - 0.01)
-        self.http.pump(d)
-        self.assertNoResult(d)
-        self.cluster.clock.advance(0.02)
-        return self.http.finish(d)
+        return self.http.at_timeout(self.cluster.clock, TIMEOUT, method, path, body)
 
     def test_hung_write_outcome_is_unknown(self) -> None:
         """

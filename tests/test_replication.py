@@ -97,14 +97,7 @@ class ClusterCase(SynchronousTestCase):
 
     def after_timeout(self, method: str, path: str, body: bytes | None = None) -> Reply:
         """A request that is answered exactly when replica calls time out."""
-        d = self.http.start(method, path, body)
-        self.http.pump(d)
-        self.assertNoResult(d)
-        self.cluster.clock.advance(TIMEOUT - 0.01)
-        self.http.pump(d)
-        self.assertNoResult(d)
-        self.cluster.clock.advance(0.02)
-        return self.http.finish(d)
+        return self.http.at_timeout(self.cluster.clock, TIMEOUT, method, path, body)
 
     def call(self, method: str, path: str, body: bytes | None = None, **headers: str) -> Reply:
         """A request, moving the clock past the timeout if it has to wait."""

@@ -245,14 +245,8 @@ class Client:
             headers = {"Content-Type": "text/plain; charset=utf-8"}
         start = time.monotonic()
         http_status: int | None = None
-        try:
-            answer = exchange(url, method, target, body, headers, self.timeout)
-        except NotSent as e:
-            status: Status = "fail"
-            detail = f"not sent: {e}"
-        except (OSError, http.client.HTTPException) as e:
-            status, detail = "info", f"{type(e).__name__}: {e}"
-        else:
+        answer, status, detail = self._send(url, method, target, body, headers)
+        if answer is not None:
             http_status = answer.status
             status = classify_write(answer.status, answer.body)
             detail = answer.body[:300].decode("utf-8", "replace").strip()
@@ -270,14 +264,8 @@ class Client:
         start = time.monotonic()
         http_status: int | None = None
         value: str | None = None
-        try:
-            answer = exchange(url, "GET", target, timeout=self.timeout)
-        except NotSent as e:
-            status: Status = "fail"
-            detail = f"not sent: {e}"
-        except (OSError, http.client.HTTPException) as e:
-            status, detail = "info", f"{type(e).__name__}: {e}"
-        else:
+        answer, status, detail = self._send(url, "GET", target)
+        if answer is not None:
             http_status = answer.status
             status = classify_read(answer.status)
             detail = "" if answer.status == 200 else answer.body[:300].decode("utf-8", "replace")
@@ -289,6 +277,23 @@ class Client:
         op = Op(self.name, "get", key, value, status, start, time.monotonic())
         self.recorder.add(op, Note(url, http_status, detail.strip()))
         return op
+
+    def _send(
+        self,
+        url: str,
+        method: str,
+        target: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[Answer | None, Status, str]:
+        """The answer, or why there is none: "fail" if the request was surely
+        not sent, "info" if it may have been."""
+        try:
+            return exchange(url, method, target, body, headers, self.timeout), "ok", ""
+        except NotSent as e:
+            return None, "fail", f"not sent: {e}"
+        except (OSError, http.client.HTTPException) as e:
+            return None, "info", f"{type(e).__name__}: {e}"
 
     def _read_value(self, body: bytes) -> str:
         if self.api == "kv":

@@ -35,11 +35,17 @@ VERSION_HEADER = b"x-shardkv-version"
 TOMBSTONE_HEADER = b"x-shardkv-tombstone"
 
 
-def _storage_error(failure: Failure) -> Failure:
-    """Turn an engine failure into the HTTP answer that names it."""
+def _storage_failure(failure: Failure) -> StorageError:
+    """The engine's error in ``failure``; anything else propagates."""
     failure.trap(StorageError)
     err = failure.value
     assert isinstance(err, StorageError)
+    return err
+
+
+def _storage_error(failure: Failure) -> Failure:
+    """Turn an engine failure into the HTTP answer that names it."""
+    err = _storage_failure(failure)
     raise ApiError(err.status, err.code, str(err))
 
 
@@ -204,9 +210,7 @@ class NodeApp:
         d = self._accept(op.key, op.record, op.hint_for)
 
         def failed(failure: Failure) -> batch.Result:
-            failure.trap(StorageError)
-            err = failure.value
-            assert isinstance(err, StorageError)
+            err = _storage_failure(failure)
             return batch.Result(err.status, error=err.code, message=f"{self.node_id}: {err}")
 
         return d.addCallbacks(lambda applied: batch.Result(200, applied=applied), failed)
