@@ -36,30 +36,30 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import http.client
 import json
 import os
 import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import quote
 
+from shardkv.client.blocking import BlockingClient, TransportError, shared
+from shardkv.testing.processes import TWISTD, Proc, ProcessError, ProcessSet
+
 BENCH_DIR = Path(__file__).resolve().parent
-RESERVED_PORTS = frozenset(range(8080, 8084))  # `make run`'s cluster; never collide with it
 STARTUP_SECONDS = 30.0
 STOP_SECONDS = 10.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -168,29 +168,14 @@ def machine_info(wrk: str) -> dict[str, Any]:
 # -- processes ----------------------------------------------------------------
 
 
-def free_port(taken: set[int]) -> int:
-    """A loopback port nobody listens on now, outside 8080-8083 and not in ``taken``."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in RESERVED_PORTS and port not in taken:
-            taken.add(port)
-            return port
-    raise BenchError("could not find a free loopback port")
-
-
 def find_twistd() -> str:
-    """The twistd next to this interpreter (the project's venv), else on PATH."""
-    beside = Path(sys.executable).parent / "twistd"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("twistd")
-    if found is None:
+    """The twistd next to this interpreter (the project's venv): the one the
+    process helpers of L{shardkv.testing.processes} start."""
+    if not Path(TWISTD).exists():
         raise BenchError(
             "twistd not found; run this with the project's venv: .venv/bin/python bench/run.py"
         )
-    return found
+    return TWISTD
 
 
 def find_wrk() -> str:
@@ -213,124 +198,18 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
 
 
-@dataclass
-class Server:
-    name: str
-    port: int
-    argv: list[str]
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-    log: IO[bytes]
+class Processes(ProcessSet):
+    """The run's servers (L{ProcessSet}: free ports, logs, readiness, stop by pid),
+    plus directories to remove once they have stopped."""
 
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self, lines: int = 25) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.cleanup: list[Path] = []
 
 
-class Processes:
-    """Every server this run starts; ``stop_all`` is safe to call any number of times."""
-
-    def __init__(self, twistd: str, workdir: Path) -> None:
-        self.twistd = twistd
-        self.workdir = workdir
-        self.servers: list[Server] = []
-        self.ports: set[int] = set()
-        self.cleanup: list[Path] = []  # directories removed after the servers stop
-
-    def start(
-        self, name: str, args: list[str], port: int, env: dict[str, str] | None = None
-    ) -> Server:
-        argv = [self.twistd, "-n", "--pidfile=", "shardkv", *args]
-        log_path = self.workdir / f"{name}.log"
-        log = open(log_path, "wb")  # noqa: SIM115 (closed in stop_all)
-        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
-        try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # a Ctrl-C at the terminal reaches only us
-            )
-        except BaseException:
-            log.close()
-            raise
-        server = Server(name, port, argv, log_path, proc, log)
-        self.servers.append(server)
-        return server
-
-    def stop_all(self) -> None:
-        for server in self.servers:
-            if server.proc.poll() is None:
-                server.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_SECONDS
-        for server in self.servers:
-            try:
-                server.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
-                server.proc.wait()
-            server.log.close()
-        self.servers.clear()
-
-
-def http_call(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    conn: http.client.HTTPConnection | None = None,
-    timeout: float = 5.0,
-) -> tuple[int, bytes]:
-    own = conn is None
-    c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        c.request(method, path, body=body, headers=headers or {})
-        response = c.getresponse()
-        return response.status, response.read()
-    finally:
-        if own:
-            c.close()
-
-
-def wait_ready(
-    server: Server,
-    ready: Callable[[dict[str, Any]], bool] = lambda _: True,
-    seconds: float = STARTUP_SECONDS,
-) -> None:
-    """Poll GET /health until it answers 200 and ``ready(payload)``; fail at the deadline."""
-    deadline = time.monotonic() + seconds
-    last = "no answer yet"
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise BenchError(
-                f"{server.name} exited with status {server.proc.returncode} while starting:\n"
-                f"  {' '.join(server.argv)}\n--- {server.log_path} (tail) ---\n"
-                f"{server.log_tail()}"
-            )
-        try:
-            status, body = http_call(server.port, "GET", "/health", timeout=1.0)
-            payload = json.loads(body)
-            if status == 200 and isinstance(payload, dict) and ready(payload):
-                return
-            last = f"HTTP {status}: {body[:200]!r}"
-        except (OSError, http.client.HTTPException, ValueError) as e:
-            last = repr(e)
-        time.sleep(0.1)
-    raise BenchError(
-        f"{server.name} on port {server.port} was not ready after {seconds:g} s ({last})\n"
-        f"--- {server.log_path} (tail) ---\n{server.log_tail()}"
-    )
+def api(server: Proc) -> BlockingClient:
+    """The shared one-off client (one connection per request), aimed at ``server``."""
+    return shared().at(server.url)
 
 
 # -- wrk ----------------------------------------------------------------------
@@ -391,12 +270,12 @@ class Target:
 
     op: str  # GET, SET, PUT
     target: str  # direct, proxied, memory, lmdb-always, ...
-    server: Server
+    server: Proc
     script: str
     script_args: list[str]
     connections: int
     path: str = "/"
-    watch: list[Server] = field(default_factory=list)  # processes whose CPU is reported
+    watch: list[Proc] = field(default_factory=list)  # processes whose CPU is reported
 
     @property
     def label(self) -> str:
@@ -433,7 +312,7 @@ def wrk_argv(wrk: str, t: Target, threads: int, duration: int, timeout: int) -> 
         "--latency",
         "-s",
         str(BENCH_DIR / t.script),
-        t.server.base + t.path,
+        t.server.url + t.path,
         "--",
         *t.script_args,
     ]
@@ -444,16 +323,16 @@ def run_wrk(
 ) -> Run:
     argv = wrk_argv(wrk, t, threads, duration, timeout)
     load = loadavg()
-    before = {s.name: cpu_ticks(s.proc.pid) for s in t.watch}
+    before = {s.name: cpu_ticks(s.pid) for s in t.watch}
     started = time.monotonic()
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     wall = time.monotonic() - started
-    after = {s.name: cpu_ticks(s.proc.pid) for s in t.watch}
+    after = {s.name: cpu_ticks(s.pid) for s in t.watch}
     if out.returncode != 0:
         raise BenchError(f"wrk failed ({out.returncode}): {' '.join(argv)}\n{out.stderr}")
     for s in t.watch:
-        if s.proc.poll() is not None:
-            raise BenchError(f"{s.name} died during {t.label}:\n{s.log_tail()}")
+        if not s.running:
+            raise BenchError(f"{s.name} died during {t.label}:\n{s.tail(25)}")
     cpu_s = {name: (after[name] - before[name]) / CLK_TCK for name in before}
     result = parse_wrk(out.stdout + out.stderr)
     served = cpu_s.get(t.server.name, 0.0)
@@ -461,7 +340,7 @@ def run_wrk(
         round=round_no,
         op=t.op,
         target=t.target,
-        url=t.server.base + t.path,
+        url=t.server.url + t.path,
         connections=t.connections,
         threads=threads,
         duration_s=duration,
@@ -666,27 +545,24 @@ def measure(
 PRELOAD_WORKERS = 8
 
 
-def _preload_chunk(port: int, keys: Sequence[str], value: str) -> list[tuple[str, str | None]]:
-    """POST /set each key on one keep-alive connection; its owner from /explain (or None)."""
+def _preload_chunk(
+    client: BlockingClient, keys: Sequence[str], value: str
+) -> list[tuple[str, str | None]]:
+    """POST /set each key (on kept-alive connections); its owner from /explain (or None)."""
     owners: list[tuple[str, str | None]] = []
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        for key in keys:
-            body = json.dumps({"key": key, "value": value}).encode()
-            status, answer = http_call(
-                port, "POST", "/set", body, {"Content-Type": "application/json"}, conn
+    for key in keys:
+        reply = client.set(key, value)
+        if reply.status != 200:
+            raise BenchError(
+                f"preload: POST /set {key} answered {reply.status}: {reply.body[:300]!r}"
             )
-            if status != 200:
-                raise BenchError(f"preload: POST /set {key} answered {status}: {answer[:300]!r}")
-            status, answer = http_call(port, "GET", f"/explain?key={quote(key)}", conn=conn)
-            owners.append((key, json.loads(answer)["owner"] if status == 200 else None))
-    finally:
-        conn.close()
+        reply = client.explain(key)
+        owners.append((key, reply.json()["owner"] if reply.status == 200 else None))
     return owners
 
 
 def preload(
-    proxy: Server, nodes: Sequence[Server], count: int, value_bytes: int, prefix: str = "k"
+    proxy: Proc, nodes: Sequence[Proc], count: int, value_bytes: int, prefix: str = "k"
 ) -> dict[str, list[str]]:
     """Store ``count`` keys (``prefix``0, ``prefix``1, ...) through the proxy; map each
     node's address to the keys it owns.
@@ -698,8 +574,11 @@ def preload(
     value = "v" * value_bytes
     keys = [f"{prefix}{i}" for i in range(count)]
     chunks = [keys[i::PRELOAD_WORKERS] for i in range(PRELOAD_WORKERS)]
-    with ThreadPoolExecutor(PRELOAD_WORKERS) as pool:
-        done = list(pool.map(lambda c: _preload_chunk(proxy.port, c, value), chunks))
+    with (
+        BlockingClient(proxy.url, timeout=30) as client,
+        ThreadPoolExecutor(PRELOAD_WORKERS) as pool,
+    ):
+        done = list(pool.map(lambda c: _preload_chunk(client, c, value), chunks))
     owners: dict[str, list[str]] = {f"127.0.0.1:{n.port}": [] for n in nodes}
     explained = True
     for key, owner in sorted((pair for chunk in done for pair in chunk), key=lambda p: p[0]):
@@ -711,14 +590,11 @@ def preload(
         return owners
     print("  the proxy has no /explain; writing the keys straight to the first node too")
     first = nodes[0]
-    conn = http.client.HTTPConnection("127.0.0.1", first.port, timeout=30)
-    try:
+    with BlockingClient(first.url, timeout=30) as client:
         for key in keys:
-            status, _ = http_call(first.port, "PUT", f"/kv/{quote(key)}", value.encode(), {}, conn)
+            status = client.put(key, value).status
             if status not in (200, 201):
                 raise BenchError(f"preload: PUT /kv/{key} on {first.name} answered {status}")
-    finally:
-        conn.close()
     return {f"127.0.0.1:{first.port}": keys}
 
 
@@ -727,50 +603,54 @@ def write_keys(path: Path, keys: Iterable[str]) -> Path:
     return path
 
 
-def check_get(server: Server, key: str) -> None:
-    status, body = http_call(server.port, "GET", f"/get?key={quote(key, safe='')}")
-    if status != 200:
-        raise BenchError(f"GET {key} on {server.name} answered {status}: {body[:300]!r}")
+def check_get(server: Proc, key: str) -> None:
+    reply = api(server).get(key)
+    if reply.status != 200:
+        raise BenchError(
+            f"GET {key} on {server.name} answered {reply.status}: {reply.body[:300]!r}"
+        )
 
 
-def start_nodes(procs: Processes, count: int) -> list[Server]:
-    """``count`` memory nodes on free ports, ready."""
-    ports = [free_port(procs.ports) for _ in range(count)]
+def start_nodes(procs: Processes, count: int) -> list[Proc]:
+    """``count`` memory nodes on free ports, started together, then waited for."""
     nodes = [
-        procs.start(f"node{i + 1}", ["node", "--port", str(p), "--storage", "memory"], p)
-        for i, p in enumerate(ports)
+        procs.start_node(None, None, "--storage", "memory", name=f"node{i + 1}", wait=False)
+        for i in range(count)
     ]
     for node in nodes:
-        wait_ready(node)
+        node.wait_healthy(STARTUP_SECONDS)
     return nodes
 
 
 def start_proxy(
-    procs: Processes, name: str, nodes: Sequence[Server], options: dict[str, int | None]
-) -> Server:
+    procs: Processes, name: str, nodes: Sequence[Proc], options: dict[str, int | None]
+) -> Proc:
     """A proxy over ``nodes``, ready once it counts every node as up.
 
     ``options`` maps proxy options (pool_size, replicas, r, w) to values;
     None leaves the proxy's own default.
     """
-    port = free_port(procs.ports)
-    proxy_args = ["proxy", "--port", str(port)]
-    proxy_args += ["--nodes", ",".join(f"127.0.0.1:{n.port}" for n in nodes)]
+    extra: list[str] = []
     for option, value in options.items():
         if value is not None:
-            proxy_args += [f"--{option.replace('_', '-')}", str(value)]
-    proxy = procs.start(name, proxy_args, port)
-    wait_ready(proxy, lambda h: h.get("nodes_up") == h.get("nodes_total") == len(nodes))
+            extra += [f"--{option.replace('_', '-')}", str(value)]
+    proxy = procs.start_proxy(None, nodes, *extra, name=name, deadline=STARTUP_SECONDS)
+
+    def all_up(reply: Any) -> bool:
+        health = reply.json()
+        return bool(health.get("nodes_up") == health.get("nodes_total") == len(nodes))
+
+    proxy.wait_healthy(STARTUP_SECONDS, ready=all_up)
     return proxy
 
 
-def quorum_levels(proxy: Server) -> dict[str, int | None]:
+def quorum_levels(proxy: Proc) -> dict[str, int | None]:
     """The N, R and W the proxy actually uses by default, from its GET /cluster."""
     levels: dict[str, int | None] = dict.fromkeys(("replicas", "r", "w"))
     try:
-        status, body = http_call(proxy.port, "GET", "/cluster")
-        payload = json.loads(body) if status == 200 else {}
-    except (OSError, http.client.HTTPException, ValueError):
+        reply = api(proxy).cluster()
+        payload = reply.json() if reply.status == 200 else {}
+    except (OSError, ValueError):
         payload = {}
     if isinstance(payload, dict):
         for name in levels:
@@ -799,7 +679,7 @@ def proxy_mode(
         f"cluster: nodes on {', '.join(str(n.port) for n in nodes)}, proxy on {proxy.port} "
         f"({fmt_levels(levels)}, {chosen})"
     )
-    print(f"         logs in {procs.workdir}")
+    print(f"         logs in {procs.root}")
 
     started = time.monotonic()
     owners = preload(proxy, nodes, args.keys, args.value_bytes)
@@ -811,8 +691,8 @@ def proxy_mode(
         f"preloaded {args.keys} keys through the proxy in {time.monotonic() - started:.1f} s "
         f"({spread}); direct runs use {direct.name} and its {len(owners[owner_address])} keys"
     )
-    all_keys = write_keys(procs.workdir / "keys-all.txt", (f"k{i}" for i in range(args.keys)))
-    own_keys = write_keys(procs.workdir / "keys-direct.txt", owners[owner_address])
+    all_keys = write_keys(procs.root / "keys-all.txt", (f"k{i}" for i in range(args.keys)))
+    own_keys = write_keys(procs.root / "keys-direct.txt", owners[owner_address])
     check_get(direct, owners[owner_address][0])
     check_get(proxy, "k0")
 
@@ -862,7 +742,7 @@ def replication_mode(
     stale and the N=3 proxy would spend its runs on read repair.
     """
     nodes = start_nodes(procs, args.nodes)
-    proxies: dict[str, Server] = {}
+    proxies: dict[str, Proc] = {}
     levels: dict[str, dict[str, int | None]] = {}
     for label, wanted in REPLICATION_LEVELS.items():
         name = "proxy" + label.replace("=", "")  # proxyN1, proxyN3
@@ -877,7 +757,7 @@ def replication_mode(
             f"{p.name} on {p.port} ({fmt_levels(levels[label])})" for label, p in proxies.items()
         )
     )
-    print(f"         logs in {procs.workdir}")
+    print(f"         logs in {procs.root}")
 
     c = args.connections
     targets: list[Target] = []
@@ -895,7 +775,7 @@ def replication_mode(
             f"in {time.monotonic() - started:.1f} s (owners: {spread})"
         )
         keys = (f"{tag}k{i}" for i in range(args.keys))
-        key_files[label] = write_keys(procs.workdir / f"keys-{tag}.txt", keys)
+        key_files[label] = write_keys(procs.root / f"keys-{tag}.txt", keys)
         check_get(proxy, f"{tag}k0")
     for op in ("GET", "SET"):
         for label, proxy in proxies.items():
@@ -963,19 +843,18 @@ def storage_mode(
         base = engine if durability is None else f"{engine}-{durability}"
         names[base] += 1
         name = base if names[base] == 1 else f"{base}#{names[base]}"
-        port = free_port(procs.ports)
-        node_args = ["node", "--port", str(port), "--storage", engine]
+        extra = ["--storage", engine]
+        data_dir = None
         if durability is not None:
-            data_dir = data_root / f"{name}-{port}"
-            node_args += ["--durability", durability, "--data-dir", str(data_dir)]
-        server = procs.start(name, node_args, port)
-        wait_ready(server)
+            data_dir = data_root / name
+            extra += ["--durability", durability]
+        server = procs.start_node(None, data_dir, *extra, name=name, deadline=STARTUP_SECONDS)
         put_args = [str(args.keyspace), str(args.value_bytes), "p"]
         targets.append(
             Target("PUT", name, server, "put.lua", put_args, args.connections, "/", [server])
         )
     print(f"nodes: {', '.join(f'{t.target} on {t.server.port}' for t in targets)}")
-    print(f"       lmdb data under {data_root} ({fs}); logs in {procs.workdir}")
+    print(f"       lmdb data under {data_root} ({fs}); logs in {procs.root}")
     if fs in ("tmpfs", "ramfs"):
         print("WARNING: the data directory is on a RAM file system: fsync costs nothing there")
     baseline = targets[0]
@@ -1004,9 +883,8 @@ def storage_details(targets: Sequence[Target]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for t in targets:
         try:
-            _, body = http_call(t.server.port, "GET", "/health")
-            storage = json.loads(body).get("storage", {})
-        except (OSError, http.client.HTTPException, ValueError):
+            storage = api(t.server).health().json().get("storage", {})
+        except (OSError, ValueError, AttributeError):
             continue
         out[t.target] = {k: storage[k] for k in STORAGE_FIELDS if k in storage}
     print("\nengines after the runs (from /health):")
@@ -1197,7 +1075,7 @@ def profile(
         stem = f"{victim.name}-{t.op.lower()}"
         for fmt, ext in (("raw", "txt"), ("flamegraph", "svg")):
             out = out_dir / f"{stem}.{ext}"
-            spy_argv = [pyspy, "record", "--pid", str(victim.proc.pid)]
+            spy_argv = [pyspy, "record", "--pid", str(victim.pid)]
             spy_argv += ["--duration", str(args.duration), "--rate", "100", "--nonblocking"]
             spy_argv += ["--format", fmt, "-o", str(out)]
             spy = subprocess.Popen(
@@ -1324,7 +1202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         wrk = find_wrk()
-        twistd = find_twistd()
+        find_twistd()
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1332,8 +1210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_machine(machine)
 
     workdir = Path(tempfile.mkdtemp(prefix="shardkv-bench-"))
-    procs = Processes(twistd, workdir)
-    atexit.register(procs.stop_all)
+    procs = Processes(workdir)
+    atexit.register(procs.close, STOP_SECONDS)
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGHUP, _exit_on_signal)
     ok = False
@@ -1373,14 +1251,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"results written to {args.json}")
         ok = True
         return 1 if flagged else 0
-    except BenchError as e:
+    except (BenchError, ProcessError, TransportError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
-        procs.stop_all()
+        procs.close(STOP_SECONDS)
         for path in procs.cleanup:
             shutil.rmtree(path, ignore_errors=True)
         if ok and not args.keep_logs:

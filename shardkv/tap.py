@@ -15,11 +15,12 @@ from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
-from shardkv.http.dataroutes import DEFAULT_MAX_VALUE_BYTES
 from shardkv.node.service import make_node_service
 from shardkv.proxy.service import DEFAULT_PIPELINE_DEPTH, make_proxy_service
+from shardkv.storage.durability import check_durability
 from shardkv.storage.engine import StorageEngine
 from shardkv.storage.memory import MemoryEngine
+from shardkv.web.dataroutes import DEFAULT_MAX_VALUE_BYTES
 
 DEFAULT_PROXY_PORT = 8080
 DEFAULT_NODE_PORTS = (8081, 8082, 8083)
@@ -131,12 +132,17 @@ class NodeOptions(_ServerOptions):
         ["clock-offset-ms", None, 0, "Skew this node's wall clock (for testing).", int],
     ]
 
-    def postOptions(self) -> None:
-        super().postOptions()
+    def _check_storage(self) -> None:
         if self["storage"] not in ("lmdb", "memory"):
             raise usage.UsageError("--storage must be lmdb or memory")
-        if self["durability"] not in ("always", "batch", "os"):
-            raise usage.UsageError("--durability must be always, batch or os")
+        try:
+            check_durability(self["durability"])
+        except ValueError as e:
+            raise usage.UsageError(f"--durability: {e}") from None
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        self._check_storage()
         if self["node-id"] is None:
             self["node-id"] = f"127.0.0.1:{self['port']}"
         if self["data-dir"] is None:
@@ -255,10 +261,7 @@ class ClusterOptions(NodeOptions):
             raise usage.UsageError("--node-ports must be comma-separated numbers") from None
         if not self["node-ports"]:
             raise usage.UsageError("--node-ports: no ports given")
-        if self["storage"] not in ("lmdb", "memory"):
-            raise usage.UsageError("--storage must be lmdb or memory")
-        if self["durability"] not in ("always", "batch", "os"):
-            raise usage.UsageError("--durability must be always, batch or os")
+        self._check_storage()
         if self["data-dir"] is None:
             self["data-dir"] = DEFAULT_DATA_ROOT
 
@@ -299,7 +302,7 @@ def _now_ms(reactor: Any, offset_ms: int) -> Callable[[], int]:
 def _engine(config: Any, data_dir: str, reactor: Any) -> StorageEngine:
     if config["storage"] == "memory":
         return MemoryEngine()
-    from shardkv.storage.lmdbengine import LMDBEngine
+    from shardkv.storage.lmdb.engine import LMDBEngine
 
     return LMDBEngine(data_dir, reactor, durability=config["durability"])
 

@@ -10,28 +10,26 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from unittest import mock
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import treq
 from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
-from twisted.web.http_headers import Headers
 
-from shardkv import testing
+from shardkv.client import api
 from shardkv.core.placement import Ring
+from shardkv.core.records import Record
 from shardkv.node.handoff import HintHandoff
-from shardkv.testing import MemoryCluster
+from shardkv.testing.memory import MemoryCluster
 
 T = TypeVar("T")
 
@@ -39,33 +37,24 @@ Pump = Callable[[Deferred[Any]], None]
 """Moves in-memory HTTP along until the given Deferred fires (or nothing moves)."""
 
 
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    headers: Headers
-    body: bytes
+class Reply(api.Reply):
+    """An API reply as the in-memory tests read it.
 
-    def header(self, name: str) -> str | None:
-        """The single value of header C{name}, or None; fails if it repeats."""
-        values = self.headers.getRawHeaders(name)
-        if values is None:
-            return None
-        assert len(values) == 1, f"{name} given {len(values)} times: {values!r}"
-        return values[0]
+    C{code} as treq calls it, and a stricter C{json()}: a test reading JSON
+    also checks that the server said it was JSON. C{header()} fails if the
+    header repeats, and C{error()} checks the error's shape.
+    """
+
+    @property
+    def code(self) -> int:
+        return self.status
 
     def json(self) -> Any:
         """The body as JSON; fails unless the reply says it is JSON."""
         assert self.header("content-type") == "application/json", (
             f"HTTP {self.code} is {self.header('content-type')!r}, not JSON: {self.body[:200]!r}"
         )
-        return json.loads(self.body.decode("utf-8"))
-
-    def error(self) -> tuple[int, str]:
-        """(status, error code) of a JSON error reply, checking its shape."""
-        payload = self.json()
-        assert isinstance(payload, dict), payload
-        assert isinstance(payload.get("message"), str) and payload["message"], payload
-        return self.code, payload["error"]
+        return super().json()
 
 
 def flusher(*stubs: StubTreq) -> Pump:
@@ -94,17 +83,24 @@ def flusher(*stubs: StubTreq) -> Pump:
     return pump
 
 
-HeaderValues = Mapping[str, str | bytes]
+HeaderValues = api.HeaderValues
 
 
 class HTTP:
-    """Synchronous requests to an in-memory HTTP server."""
+    """Synchronous requests to an in-memory HTTP server.
+
+    A thin wrapper: L{shardkv.client.api.Client} over the C{StubTreq} sends
+    each request, and C{pump} moves it along. The client's deadlines run on
+    a clock of their own that never moves, so no request times out here
+    however far a test advances the cluster's clock.
+    """
 
     def __init__(self, case: SynchronousTestCase, stub: StubTreq, base: str, pump: Pump) -> None:
         self.case = case
         self.stub: Any = stub  # StubTreq builds its request methods at runtime
         self.base = base
         self.pump = pump
+        self.client = api.Client(stub, base, reactor=Clock())
 
     def start(
         self,
@@ -114,17 +110,8 @@ class HTTP:
         headers: HeaderValues | None = None,
     ) -> Deferred[Reply]:
         """Send a request; the Deferred fires with the whole L{Reply}."""
-        raw = {
-            name.encode("ascii"): [v if isinstance(v, bytes) else v.encode("latin-1")]
-            for name, v in (headers or {}).items()
-        }
-        d: Deferred[Any] = self.stub.request(method, self.base + path, data=body, headers=raw)
-
-        def read(response: Any) -> Deferred[Reply]:
-            content: Deferred[bytes] = treq.content(response)
-            return content.addCallback(lambda data: Reply(response.code, response.headers, data))
-
-        return d.addCallback(read)
+        d = self.client.request(method, path, body, headers=headers)
+        return d.addCallback(lambda r: Reply(r.status, r.headers, r.body, r.all_headers))
 
     def finish(self, d: Deferred[Reply]) -> Reply:
         """Pump until C{d} fires and return its reply."""
@@ -205,10 +192,15 @@ def memory_cluster(
     Replica operations travel in batches, as they do in a real proxy,
     unless ``pipeline_depth`` is 0.
     """
-    with mock.patch.object(testing, "Ring", lambda ids: shared_ring(tuple(ids))):
-        return MemoryCluster(
-            nodes, timeout, replicas=replicas, r=r, w=w, pipeline_depth=pipeline_depth
-        )
+    return MemoryCluster(
+        nodes,
+        timeout,
+        replicas=replicas,
+        r=r,
+        w=w,
+        pipeline_depth=pipeline_depth,
+        ring=shared_ring(tuple(nodes)),
+    )
 
 
 def cluster_http(case: SynchronousTestCase, cluster: MemoryCluster) -> HTTP:
@@ -254,7 +246,7 @@ def deliver_hints(
     """Run each node's hinted handoff once; how many hints were handed back."""
     delivered = 0
     for node in cluster.nodes if nodes is None else nodes:
-        handoff = HintHandoff(cluster.nodes[node].engine, cluster.client)
+        handoff = HintHandoff(cluster.nodes[node].store.engine, cluster.replica_client)
         wait(case, cluster, Deferred.fromCoroutine(handoff.deliver_all()))
         delivered += handoff.delivered
     settle(cluster)
@@ -268,14 +260,14 @@ def home_replicas(cluster: MemoryCluster, key: str, n: int = 3) -> list[str]:
 
 def record_holders(cluster: MemoryCluster, key: str) -> list[str]:
     """The nodes whose engines hold a record (tombstones too) for C{key}, in ring order."""
-    return [n for n in cluster.ring.nodes if cluster.nodes[n].engine.get(key) is not None]
+    return [n for n in cluster.ring.nodes if cluster.nodes[n].store.engine.get(key) is not None]
 
 
 def hints_for_key(cluster: MemoryCluster, key: str) -> dict[str, list[str]]:
     """Stand-in node -> the nodes it keeps a hint for C{key} for."""
     found: dict[str, list[str]] = {}
     for node in cluster.ring.nodes:
-        engine = cluster.nodes[node].engine
+        engine = cluster.nodes[node].store.engine
         targets = [t for t in sorted(engine.hint_counts()) if key in dict(engine.hints(t, 10_000))]
         if targets:
             found[node] = targets
@@ -364,11 +356,11 @@ def install_faults(cluster: MemoryCluster) -> NetworkFaults:
     """Put a L{NetworkFaults} between C{cluster.network} and the nodes.
 
     Its faults are per replica operation, so the proxy is switched to one
-    request per operation (no batches); tests/test_pipeline.py covers
-    batching itself.
+    request per operation (no batches); tests/replica/ covers batching
+    itself.
     """
-    assert not cluster.client.pipelines, "install faults before the first request"
-    cluster.client.pipeline_depth = 0
+    assert not cluster.replica_client.pipelines, "install faults before the first request"
+    cluster.replica_client.pipeline_depth = 0
     faults = NetworkFaults(cluster.network.inner, cluster.clock)
     cluster.network.inner = faults
     return faults
@@ -378,3 +370,13 @@ U64 = 2**64 - 1
 """The largest version counter and clock a record can carry."""
 WRITER_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-"
 """The characters a version's writer id may use."""
+
+
+def same_data(record: Record, other: Record | None) -> bool:
+    """Equal as replicas see it: ``stored_ms`` is local and ignored."""
+    return other is not None and (
+        record.version,
+        record.value,
+        record.content_type,
+        record.tombstone,
+    ) == (other.version, other.value, other.content_type, other.tombstone)

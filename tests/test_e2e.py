@@ -18,8 +18,9 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.procs import Proc, ProcessSet, Reply, free_port, poll_until, process_set
-from tests.procs import request as send
+from shardkv.testing.processes import Proc, ProcessSet, Reply, free_port, poll_until
+from shardkv.testing.processes import request as send
+from tests.procs import process_set
 
 pytestmark = pytest.mark.slow
 

@@ -54,7 +54,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.procs import (
+from shardkv.testing.processes import (
     HOST,
     STARTUP_DEADLINE,
     Proc,
@@ -62,10 +62,10 @@ from tests.procs import (
     ProcessSet,
     free_port,
     poll_until,
-    process_set,
     request,
     twistd_args,
 )
+from tests.procs import process_set
 
 pytestmark = pytest.mark.slow
 

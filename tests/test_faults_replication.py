@@ -36,9 +36,10 @@ import pytest
 
 from shardkv.core.placement import Ring
 from shardkv.core.versions import Version
-from shardkv.history import Violation, check_convergence, check_final, check_reads, summary
-from tests.procs import Proc, ProcessSet, poll_until, process_set
-from tests.procs import request as send
+from shardkv.testing.history import Violation, check_convergence, check_final, check_reads, summary
+from shardkv.testing.processes import Proc, ProcessSet, poll_until
+from shardkv.testing.processes import request as send
+from tests.procs import process_set
 from tests.workload import Client, Recorder, Workload, WorkloadConfig, percentile
 
 pytestmark = pytest.mark.slow

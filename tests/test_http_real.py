@@ -36,11 +36,11 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
-from shardkv.http.dataroutes import JSON_ENVELOPE_SLACK
-from shardkv.http.site import LimitedRequest
 from shardkv.node.service import make_node_service
 from shardkv.proxy.service import make_proxy_service
 from shardkv.storage.memory import MemoryEngine
+from shardkv.web.dataroutes import JSON_ENVELOPE_SLACK
+from shardkv.web.site import LimitedRequest
 
 reactor = cast(Any, _reactor)
 

@@ -16,7 +16,7 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 
 from shardkv import tap
-from tests.procs import TWISTD
+from shardkv.testing.processes import TWISTD
 
 
 def _shardkv_makers() -> list[IServiceMaker]:

@@ -19,10 +19,10 @@ from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 
 from shardkv import tap
-from shardkv.http.dataroutes import DEFAULT_MAX_VALUE_BYTES
-from shardkv.http.site import QuietSite
 from shardkv.node.service import NodeService
 from shardkv.storage.memory import MemoryEngine
+from shardkv.web.dataroutes import DEFAULT_MAX_VALUE_BYTES
+from shardkv.web.site import QuietSite
 
 LOCAL_DEFAULT_NODES = {"127.0.0.1:8081": 1.0, "127.0.0.1:8082": 1.0, "127.0.0.1:8083": 1.0}
 

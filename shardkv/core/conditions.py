@@ -24,10 +24,6 @@ class Precondition:
     match_any: bool = False
     none_match_any: bool = False
 
-    @property
-    def unconditional(self) -> bool:
-        return not (self.if_match or self.match_any or self.none_match_any)
-
     def failure(self, current: Version | None) -> str | None:
         """Why the write must not go ahead, or None if it may.
 

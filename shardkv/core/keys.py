@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from urllib.parse import unquote_to_bytes
 
+from shardkv.errors import InvalidRequest
+
 MAX_KEY_BYTES = 1024
 
 
-class InvalidKey(ValueError):
-    """A key that no route may store. ``too_long`` selects 414 over 400."""
+class InvalidKey(InvalidRequest):
+    """A key that no route may store."""
 
-    def __init__(self, message: str, too_long: bool = False) -> None:
-        super().__init__(message)
-        self.too_long = too_long
+    code = "invalid_key"
+
+
+class KeyTooLong(InvalidKey):
+    code = "key_too_long"
 
 
 def check_key(key: str) -> str:
@@ -33,16 +37,14 @@ def check_key(key: str) -> str:
     except UnicodeEncodeError:
         raise InvalidKey("the key is not valid UTF-8 (it contains a lone surrogate)") from None
     if size > MAX_KEY_BYTES:
-        raise InvalidKey(f"the key is {size} bytes; the limit is {MAX_KEY_BYTES}", too_long=True)
+        raise KeyTooLong(f"the key is {size} bytes; the limit is {MAX_KEY_BYTES}")
     return key
 
 
 def key_from_bytes(raw: bytes) -> str:
     """Decode a key given as bytes (a query argument) and check it."""
     if len(raw) > MAX_KEY_BYTES:
-        raise InvalidKey(
-            f"the key is {len(raw)} bytes; the limit is {MAX_KEY_BYTES}", too_long=True
-        )
+        raise KeyTooLong(f"the key is {len(raw)} bytes; the limit is {MAX_KEY_BYTES}")
     try:
         return check_key(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -21,8 +21,42 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from shardkv.core.records import Record
+from shardkv.errors import InvalidRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Consistency:
+    """Per-request quorum settings (``?r=``, ``?w=``, ``?sloppy=true``).
+
+    None means the cluster default.
+    """
+
+    r: int | None = None
+    w: int | None = None
+    sloppy: bool = False
+
+
+class QuorumSizes(NamedTuple):
+    """How many copies a key has (n), and how many must answer a read (r) or a write (w)."""
+
+    n: int
+    r: int
+    w: int
+
+
+def quorum_sizes(default: QuorumSizes, members: int, c: Consistency) -> QuorumSizes:
+    """The sizes for one request: N shrinks with a smaller cluster, R and W may be overridden."""
+    n = min(default.n, members)
+    r = c.r if c.r is not None else min(default.r, n)
+    w = c.w if c.w is not None else min(default.w, n)
+    if r > n or w > n:
+        raise InvalidRequest(
+            f"r={r} and w={w} must not exceed the {n} replicas of each key", "invalid_quorum"
+        )
+    return QuorumSizes(n, r, w)
 
 
 class Reply(enum.Enum):

@@ -17,6 +17,7 @@ import zlib
 from dataclasses import dataclass
 
 from shardkv.core.versions import Version, VersionError
+from shardkv.errors import ShardkvError
 
 _MAGIC = b"SKR1"
 _HEAD = struct.Struct(
@@ -28,8 +29,10 @@ _TOMBSTONE = 1
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
-class CorruptRecord(ValueError):
+class CorruptRecord(ShardkvError, ValueError):
     """Stored bytes that fail their checksum or do not parse."""
+
+    code = "corrupt_record"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,19 +46,6 @@ class Record:
     @classmethod
     def deleted(cls, version: Version, stored_ms: int = 0) -> Record:
         return cls(version, b"", "", True, stored_ms)
-
-    def checksum(self) -> int:
-        """CRC-32 of the value, for comparing replicas without shipping values."""
-        return zlib.crc32(self.value)
-
-    def same_data(self, other: Record | None) -> bool:
-        """Equal as replicas see it: ``stored_ms`` is local and ignored."""
-        return other is not None and (
-            self.version,
-            self.value,
-            self.content_type,
-            self.tombstone,
-        ) == (other.version, other.value, other.content_type, other.tombstone)
 
 
 def encode(record: Record) -> bytes:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _WRITER = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
@@ -72,12 +72,6 @@ class Version:
             return cls(int(match[1]), int(match[2]), match[3])
         except VersionError:
             raise VersionError(f"not a version: {text[:200]!r}") from None
-
-
-def newest(versions: Iterable[Version | None]) -> Version | None:
-    """The largest version among those given, ignoring missing ones."""
-    present = [v for v in versions if v is not None]
-    return max(present) if present else None
 
 
 class VersionClock:

@@ -9,23 +9,23 @@ HOME's newer-only write makes a repeated delivery harmless.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.internet import TimerService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import DeferredList
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shardkv.http.errors import ApiError
-from shardkv.http.nodeclient import NodeBusy, NodeClient, NodeTimeout, NodeUnreachable
-from shardkv.storage.engine import StorageEngine, StorageError
+from shardkv.errors import ReplicaCallFailed, StorageError
+from shardkv.periodic import periodic
+from shardkv.replica.client import ReplicaClient
+from shardkv.storage.engine import StorageEngine
 
 log = Logger(namespace="shardkv.node.handoff")
 
 
 class HintHandoff:
     def __init__(
-        self, engine: StorageEngine, client: NodeClient, batch: int = 200, window: int = 16
+        self, engine: StorageEngine, client: ReplicaClient, batch: int = 200, window: int = 16
     ) -> None:
         self._engine = engine
         self._client = client
@@ -49,13 +49,11 @@ class HintHandoff:
                     await self._engine.remove_hint(target, key, record)
                     self.delivered += 1
                 elif isinstance(value, Failure) and not value.check(
-                    NodeUnreachable, NodeTimeout, NodeBusy, ApiError, StorageError
+                    ReplicaCallFailed, StorageError
                 ):
                     log.failure("handing a hint to {target}", value, target=target)
             if not all(ok for ok, _ in results):
                 return
 
-    def service(self, interval: float, clock: Any) -> TimerService:
-        svc = TimerService(interval, lambda: Deferred.fromCoroutine(self.deliver_all()))
-        svc.clock = clock
-        return svc
+    def service(self, interval: float, clock: IReactorTime) -> TimerService:
+        return periodic(interval, self.deliver_all, clock)

@@ -13,14 +13,16 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from shardkv.core.versions import VersionClock
-from shardkv.http.client import HTTPClientService
-from shardkv.http.dataroutes import body_limit_for
-from shardkv.http.nodeclient import NodeClient
-from shardkv.http.site import make_site
+from shardkv.errors import StorageStartupError
 from shardkv.node.app import NodeApp
 from shardkv.node.handoff import HintHandoff
+from shardkv.node.store import NodeStore
 from shardkv.node.tombstones import DEFAULT_GRACE_SECONDS, TombstoneCollector
-from shardkv.storage.engine import StorageEngine, StorageStartupError
+from shardkv.replica.client import ReplicaClient
+from shardkv.storage.engine import StorageEngine
+from shardkv.web.dataroutes import body_limit_for
+from shardkv.web.httpclient import HTTPClientService
+from shardkv.web.site import make_site
 
 log = Logger(namespace="shardkv.node")
 
@@ -70,14 +72,15 @@ def make_node_service(
     tombstone_grace: float = DEFAULT_GRACE_SECONDS,
     peer_timeout: float = 2.0,
 ) -> NodeService:
-    app = NodeApp(node_id, engine, VersionClock(node_id, now_ms), max_value_bytes, now_ms)
+    store = NodeStore(node_id, engine, VersionClock(node_id, now_ms), max_value_bytes, now_ms)
+    app = NodeApp(store)
     site = make_site(
         app.app.resource(), body_limit_for(max_value_bytes, replica_routes=True), access_log
     )
     service = NodeService(engine)
     client = HTTPClientService(reactor, max_per_host=16)
     client.setServiceParent(service)
-    handoff = HintHandoff(engine, NodeClient(client, reactor, peer_timeout, pipeline_depth=1))
+    handoff = HintHandoff(engine, ReplicaClient(client, reactor, peer_timeout, pipeline_depth=1))
     handoff.service(handoff_interval, reactor).setServiceParent(service)
     collector = TombstoneCollector(engine, now_ms, tombstone_grace)
     collector.service(min(tombstone_grace, 3600.0), reactor).setServiceParent(service)

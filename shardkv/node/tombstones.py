@@ -13,8 +13,10 @@ from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 
+from shardkv.periodic import periodic
 from shardkv.storage.engine import StorageEngine
 
 DEFAULT_GRACE_SECONDS = 24 * 3600
@@ -60,7 +62,5 @@ class TombstoneCollector:
         self.collected += int(removed)
         return removed
 
-    def service(self, interval: float, clock: Any) -> TimerService:
-        svc = TimerService(interval, self.collect)
-        svc.clock = clock
-        return svc
+    def service(self, interval: float, clock: IReactorTime) -> TimerService:
+        return periodic(interval, self.collect, clock)

@@ -7,13 +7,15 @@ the newest version (R replies) so that it can mint a larger one, then sends
 the record to the N replicas in parallel and answers once W have durably
 acknowledged it. Neither waits for the slowest replica.
 
-Answers when a quorum cannot be had:
+When a quorum cannot be had it raises:
 
-- 503 ``insufficient_replicas``: W (or R) cannot be reached; the body says
-  how many replicas acknowledged, and whether the write may still have been
-  applied on some of them (``"outcome": "unknown"``) or not at all;
-- 504 ``replica_timeout``: the quorum was still possible but replicas did not
+- L{QuorumUnavailable}: W (or R) cannot be reached; the details say how many
+  replicas acknowledged, and whether the write may still have been applied
+  on some of them (``"outcome": "unknown"``) or not at all;
+- L{QuorumTimeout}: the quorum was still possible but replicas did not
   answer in time; for a write the outcome is unknown, never a failure.
+
+Replicas that missed a write are the business of L{shardkv.proxy.hints}.
 """
 
 from __future__ import annotations
@@ -22,33 +24,36 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shardkv.core.conditions import Precondition
 from shardkv.core.placement import Ring
 from shardkv.core.quorum import (
+    Consistency,
     Outcome,
+    QuorumSizes,
     ReadQuorum,
     Reply,
     Target,
     WriteQuorum,
+    quorum_sizes,
     replica_targets,
 )
 from shardkv.core.records import Record
 from shardkv.core.versions import Version, VersionClock
-from shardkv.http.dataroutes import Consistency, WriteResult, not_found
-from shardkv.http.errors import ApiError, bad_request
-from shardkv.http.nodeclient import NodeClient, NodeTimeout, NodeUnreachable
+from shardkv.core.writes import WriteResult, next_tombstone, next_value
+from shardkv.errors import QuorumTimeout, QuorumUnavailable, ReplicaCallFailed
 from shardkv.proxy.health import HealthMonitor
+from shardkv.proxy.hints import HintKeeper
+from shardkv.replica.client import ReplicaClient
 
-log = Logger(namespace="shardkv.proxy.coordinator")
+DEFAULT_SIZES = QuorumSizes(n=3, r=2, w=2)
 
 
 def _reply_kind(failure: Failure) -> Reply:
     """May the failed call have been applied? Only if it was sent and not answered."""
-    if isinstance(failure.value, NodeTimeout | NodeUnreachable):
-        return Reply.UNKNOWN if failure.value.sent else Reply.FAILED
+    if isinstance(failure.value, ReplicaCallFailed) and failure.value.sent:
+        return Reply.UNKNOWN
     return Reply.FAILED
 
 
@@ -67,39 +72,23 @@ class Coordinator:
     def __init__(
         self,
         ring: Ring,
-        nodes: NodeClient,
+        replica_client: ReplicaClient,
         health: HealthMonitor,
-        clock: VersionClock,
-        *,
-        replicas: int = 3,
-        r: int = 2,
-        w: int = 2,
+        versions: VersionClock,
+        hints: HintKeeper,
+        sizes: QuorumSizes = DEFAULT_SIZES,
     ) -> None:
         self.ring = ring
-        self.nodes = nodes
+        self.replica_client = replica_client
         self.health = health
-        self.clock = clock
-        self.replicas = replicas
-        self.r = r
-        self.w = w
+        self.versions = versions
+        self.hints = hints
+        self.sizes = sizes
         self.repairs = 0
-        self.undelivered: dict[tuple[str, str], Record] = {}
-        self.max_undelivered = 100_000
 
-    def levels(self, c: Consistency) -> tuple[int, int, int]:
-        """N, R and W for one request; N shrinks with a smaller cluster."""
-        n = min(self.replicas, len(self.ring.nodes))
-        r = c.r if c.r is not None else min(self.r, n)
-        w = c.w if c.w is not None else min(self.w, n)
-        if r > n or w > n:
-            raise bad_request(
-                f"r={r} and w={w} must not exceed the {n} replicas of each key", "invalid_quorum"
-            )
-        return n, r, w
-
-    def _node_failed(self, node: str, failure: Failure) -> None:
-        if failure.check(NodeUnreachable, NodeTimeout):
-            self.health.mark(node, up=False, error=str(failure.value))
+    def quorum_sizes(self, c: Consistency) -> QuorumSizes:
+        """N, R and W for one request."""
+        return quorum_sizes(self.sizes, len(self.ring.nodes), c)
 
     # reads
 
@@ -119,11 +108,11 @@ class Coordinator:
             if self.health.is_down(node):
                 quorum.fail(node)
                 continue
-            call = self.nodes.replica_get(node, key)
+            call = self.replica_client.replica_get(node, key)
             # A replica with hints still waiting for it may be stale. A read
             # quorum that intersects every write quorum (R + W > N) outvotes
             # it anyway; a smaller one must not count it.
-            counts = r + min(self.w, n) > n or not self.health.has_hints_waiting(node)
+            counts = r + min(self.sizes.w, n) > n or not self.health.has_hints_waiting(node)
             call.addCallbacks(
                 self._read_ok,
                 self._read_failed,
@@ -153,19 +142,20 @@ class Coordinator:
         landed()
 
     def _read_failed(self, failure: Failure, quorum: ReadQuorum, node: str, landed: Any) -> None:
-        self._node_failed(node, failure)
+        self.health.call_failed(node, failure.value)
         quorum.fail(node, _reply_kind(failure))
         landed()
 
-    def _read_error(self, quorum: ReadQuorum, r: int) -> ApiError:
+    @staticmethod
+    def _read_error(quorum: ReadQuorum, r: int) -> QuorumUnavailable:
         failed = sorted(quorum.failed)
-        extra = {"replied": quorum.answered, "required": r, "failed": failed}
+        details = {"replied": quorum.answered, "required": r, "failed": failed}
         down = f" ({', '.join(failed)} failed or down)" if failed else ""
         if any(kind is Reply.UNKNOWN for kind in quorum.failed.values()):
             message = f"only {quorum.answered} of the {r} replicas needed answered in time{down}"
-            return ApiError(504, "replica_timeout", message, extra=extra)
+            return QuorumTimeout(message, **details)
         message = f"only {quorum.answered} of the {r} replicas needed could be read{down}"
-        return ApiError(503, "insufficient_replicas", message, extra=extra)
+        return QuorumUnavailable(message, **details)
 
     def _repair(self, key: str, quorum: ReadQuorum) -> None:
         """Bring replicas that answered with an older record (or none) up to date."""
@@ -174,14 +164,14 @@ class Coordinator:
             return
         for node in quorum.stale():
             self.repairs += 1
-            call = self.nodes.replica_put(node, key, newest)
-            call.addErrback(self._node_failed_quietly, node)
+            call = self.replica_client.replica_put(node, key, newest)
+            call.addErrback(self._repair_failed, node)
 
-    def _node_failed_quietly(self, failure: Failure, node: str) -> None:
-        self._node_failed(node, failure)
+    def _repair_failed(self, failure: Failure, node: str) -> None:
+        self.health.call_failed(node, failure.value)
 
     async def read(self, key: str, c: Consistency) -> Record | None:
-        n, r, _ = self.levels(c)
+        n, r, _ = self.quorum_sizes(c)
         record = await self.read_record(key, n, r)
         return None if record is None or record.tombstone else record
 
@@ -190,21 +180,16 @@ class Coordinator:
     async def write(
         self, key: str, value: bytes, content_type: str, pre: Precondition, c: Consistency
     ) -> WriteResult:
-        n, r, w = self.levels(c)
+        n, r, w = self.quorum_sizes(c)
         current = await self._version_read(key, n, r)
-        live = current if current is not None and not current.tombstone else None
-        self._check(pre, live)
-        record = Record(self.clock.mint(current.version if current else None), value, content_type)
+        record, result = next_value(current, pre, self.versions, value, content_type)
         await self._replicate(key, record, n, w, c.sloppy)
-        return WriteResult(record.version, created=live is None)
+        return result
 
     async def remove(self, key: str, pre: Precondition, c: Consistency) -> Version:
-        n, r, w = self.levels(c)
+        n, r, w = self.quorum_sizes(c)
         current = await self._version_read(key, n, r)
-        if current is None or current.tombstone:
-            raise not_found(key)
-        self._check(pre, current)
-        record = Record.deleted(self.clock.mint(current.version))
+        record = next_tombstone(key, current, pre, self.versions)
         await self._replicate(key, record, n, w, c.sloppy)
         return record.version
 
@@ -212,15 +197,9 @@ class Coordinator:
         """A write's first step; if it fails, nothing was written."""
         try:
             return await self.read_record(key, n, r)
-        except ApiError as e:
-            e.extra["outcome"] = "not_applied"
+        except QuorumUnavailable as e:
+            e.details["outcome"] = "not_applied"
             raise
-
-    @staticmethod
-    def _check(pre: Precondition, live: Record | None) -> None:
-        reason = pre.failure(live.version if live else None)
-        if reason is not None:
-            raise ApiError(412, "precondition_failed", reason)
 
     async def _replicate(self, key: str, record: Record, n: int, w: int, sloppy: bool) -> None:
         preference = self.ring.preference_list(key, len(self.ring.nodes))
@@ -228,22 +207,23 @@ class Coordinator:
         quorum = WriteQuorum(targets, w, sloppy)
         if quorum.pending < w:
             down = [node for node in preference[:n] if self.health.is_down(node)]
-            raise ApiError(
-                503,
-                "insufficient_replicas",
+            raise QuorumUnavailable(
                 f"W={w} replicas are needed but {', '.join(down)} "
                 f"{'is' if len(down) == 1 else 'are'} down; nothing was written",
-                extra={"acks": 0, "required": w, "outcome": "not_applied", "down": down},
+                acks=0,
+                required=w,
+                outcome="not_applied",
+                down=down,
             )
         decided, check = _first(lambda: quorum.outcome() is not None)
 
         def landed() -> None:
             check()
             if quorum.complete:
-                self._hint_missed(key, record, quorum, preference, n)
+                self.hints.missed(key, record, quorum, preference, n)
 
         for target in targets:
-            call = self.nodes.replica_put(target.node, key, record, target.hint_for)
+            call = self.replica_client.replica_put(target.node, key, record, target.hint_for)
             call.addCallbacks(
                 self._write_ok,
                 self._write_failed,
@@ -255,31 +235,26 @@ class Coordinator:
         outcome = quorum.outcome()
         if outcome is Outcome.OK:
             return
-        extra: dict[str, object] = {"acks": quorum.acks, "required": w}
+        counts = {"acks": quorum.acks, "required": w}
         if outcome is Outcome.FAILED:
-            extra["outcome"] = "not_applied"
-            raise ApiError(
-                503,
-                "insufficient_replicas",
+            raise QuorumUnavailable(
                 f"only {quorum.acks} of the {w} replicas needed acknowledged; "
                 "the write was not applied",
-                extra=extra,
+                **counts,
+                outcome="not_applied",
             )
-        extra["outcome"] = "unknown"
         if any(reply is Reply.UNKNOWN for reply in quorum.replies.values()):
-            raise ApiError(
-                504,
-                "replica_timeout",
+            raise QuorumTimeout(
                 f"only {quorum.acks} of the {w} replicas needed acknowledged in time; "
                 "the write may or may not have been applied",
-                extra=extra,
+                **counts,
+                outcome="unknown",
             )
-        raise ApiError(
-            503,
-            "insufficient_replicas",
+        raise QuorumUnavailable(
             f"only {quorum.acks} of the {w} replicas needed acknowledged; the write "
             "is on some replicas and may still become visible",
-            extra=extra,
+            **counts,
+            outcome="unknown",
         )
 
     @staticmethod
@@ -290,63 +265,6 @@ class Coordinator:
     def _write_failed(
         self, failure: Failure, quorum: WriteQuorum, target: Target, landed: Any
     ) -> None:
-        self._node_failed(target.node, failure)
+        self.health.call_failed(target.node, failure.value)
         quorum.add(target, _reply_kind(failure))
         landed()
-
-    def _hint_missed(
-        self, key: str, record: Record, quorum: WriteQuorum, preference: list[str], n: int
-    ) -> None:
-        """Once every target answered: make sure each replica that missed the write gets it.
-
-        Not for a write that failed everywhere: the client was told it was
-        not applied, and a hint would apply it later.
-        """
-        if quorum.outcome() is Outcome.FAILED:
-            return
-        for target, reply in quorum.replies.items():
-            if reply is Reply.OK:
-                continue
-            home = target.hint_for or target.node
-            holders = [p for p in preference[n:] + preference[:n] if p not in (home, target.node)]
-            Deferred.fromCoroutine(self._keep_for(home, key, record, holders))
-
-    async def _keep_for(self, home: str, key: str, record: Record, holders: list[str]) -> None:
-        """A replica missed a write: hand ``record`` to the first live holder
-        that takes it as a hint for ``home``, else keep it here.
-
-        A record nobody could take waits in a bounded queue on this proxy
-        and is retried by L{retry_undelivered}; only a proxy restart (or an
-        overflowing queue) leaves it to read repair.
-        """
-        for holder in holders:
-            if self.health.is_down(holder):
-                continue
-            try:
-                await self.nodes.replica_put(holder, key, record, home)
-            except Exception as e:
-                self._node_failed(holder, Failure(e))
-                continue
-            return
-        self._queue_undelivered(home, key, record)
-
-    def _queue_undelivered(self, home: str, key: str, record: Record) -> None:
-        slot = (home, key)
-        queued = self.undelivered.get(slot)
-        if queued is not None and queued.version >= record.version:
-            return
-        if queued is None and len(self.undelivered) >= self.max_undelivered:
-            log.warn(
-                "undelivered queue full; {home} gets {key!r} by read repair", home=home, key=key
-            )
-            return
-        self.undelivered[slot] = record
-
-    async def retry_undelivered(self) -> None:
-        """Deliver queued records to their home replicas, or to a holder as hints."""
-        for (home, key), record in list(self.undelivered.items()):
-            if self.undelivered.get((home, key)) is not record:
-                continue
-            del self.undelivered[(home, key)]
-            preference = self.ring.preference_list(key, len(self.ring.nodes))
-            await self._keep_for(home, key, record, [home, *(p for p in preference if p != home)])

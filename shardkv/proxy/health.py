@@ -12,7 +12,11 @@ from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from shardkv.errors import NodeTimeout, NodeUnreachable
+from shardkv.periodic import periodic
 
 log = Logger(namespace="shardkv.proxy.health")
 
@@ -39,7 +43,7 @@ class HealthMonitor:
         self,
         nodes: Iterable[str],
         check: Callable[[str], Awaitable[object]],
-        clock: Any,
+        clock: IReactorTime,
         interval: float = 1.0,
     ) -> None:
         self._check = check
@@ -68,6 +72,11 @@ class HealthMonitor:
         state.error = error
         state.last_check = now
 
+    def call_failed(self, node: str, error: BaseException | None) -> None:
+        """A request to ``node`` failed: no answer at all means it is down."""
+        if isinstance(error, NodeUnreachable | NodeTimeout):
+            self.mark(node, up=False, error=str(error))
+
     def hints_waiting(self, node: str) -> int:
         """Hints for ``node`` that live nodes reported at their last check."""
         total = 0
@@ -93,6 +102,4 @@ class HealthMonitor:
             self.states[node].report = report if isinstance(report, dict) else {}
 
     def service(self) -> TimerService:
-        svc = TimerService(self.interval, self.check_all)
-        svc.clock = self._clock
-        return svc
+        return periodic(self.interval, self.check_all, self._clock)

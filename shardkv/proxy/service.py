@@ -6,20 +6,22 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 
 from shardkv.core.placement import Ring
+from shardkv.core.quorum import QuorumSizes
 from shardkv.core.versions import VersionClock
-from shardkv.http.client import HTTPClientService
-from shardkv.http.dataroutes import body_limit_for
-from shardkv.http.nodeclient import NodeClient
-from shardkv.http.site import make_site
+from shardkv.periodic import periodic
 from shardkv.proxy.app import ProxyApp
 from shardkv.proxy.coordinator import Coordinator
 from shardkv.proxy.health import HealthMonitor
+from shardkv.proxy.hints import HintKeeper
+from shardkv.replica.client import ReplicaClient
+from shardkv.web.dataroutes import body_limit_for
+from shardkv.web.httpclient import HTTPClientService
+from shardkv.web.site import make_site
 
 DEFAULT_PIPELINE_DEPTH = 1
 """Batches in flight per node: enough to keep a node busy while the next
@@ -52,16 +54,16 @@ def make_proxy_service(
     service = MultiService()
     client = HTTPClientService(reactor, max_per_host=pool_size)
     client.setServiceParent(service)
-    node_client = NodeClient(client, reactor, timeout, pipeline_depth)
+    replica_client = ReplicaClient(client, reactor, timeout, pipeline_depth)
     ring = Ring(nodes) if vnodes is None else Ring(nodes, vnodes=vnodes)
-    health = HealthMonitor(ring.nodes, node_client.health, reactor, health_interval)
+    health = HealthMonitor(ring.nodes, replica_client.health, reactor, health_interval)
     health.service().setServiceParent(service)
     writer = f"{writer_id or 'proxy'}.{secrets.token_hex(3)}"
     versions = VersionClock(writer, lambda: int(reactor.seconds() * 1000) + clock_offset_ms)
-    coordinator = Coordinator(ring, node_client, health, versions, replicas=replicas, r=r, w=w)
-    retry = TimerService(1.0, lambda: Deferred.fromCoroutine(coordinator.retry_undelivered()))
-    retry.clock = reactor
-    retry.setServiceParent(service)
+    hints = HintKeeper(ring, replica_client, health)
+    periodic(1.0, hints.retry, reactor).setServiceParent(service)
+    sizes = QuorumSizes(replicas, r, w)
+    coordinator = Coordinator(ring, replica_client, health, versions, hints, sizes)
     app = ProxyApp(coordinator, max_value_bytes)
     site = make_site(app.app.resource(), body_limit_for(max_value_bytes), access_log)
     for description in listen:

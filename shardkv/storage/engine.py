@@ -22,36 +22,6 @@ from twisted.internet.defer import Deferred
 from shardkv.core.records import Record
 
 
-class StorageStartupError(Exception):
-    """The engine cannot open its data directory; the message says which and why."""
-
-
-class StorageError(Exception):
-    """A write the engine could not make durable. ``status`` is the HTTP answer."""
-
-    status = 503
-    code = "storage_unavailable"
-
-
-class StorageFull(StorageError):
-    """No room: the disk or the engine's map is full. Writes resume when there is room."""
-
-    status = 507
-    code = "insufficient_storage"
-
-
-class StorageFailed(StorageError):
-    """The engine failed a commit (for example fsync returned EIO) and stopped taking writes.
-
-    It never retries: after a failed fsync the kernel may have dropped the
-    dirty pages, so a retry that succeeds can still have lost data
-    (PostgreSQL's "fsyncgate").
-    """
-
-    status = 503
-    code = "storage_failed"
-
-
 @dataclass(frozen=True)
 class EngineHealth:
     ok: bool
@@ -81,7 +51,7 @@ class StorageEngine(Protocol):
         """Store ``record`` if it is newer than what is stored.
 
         Fires with True if stored, False if the stored version was newer or
-        equal, once durable; fails with L{StorageError} otherwise.
+        equal, once durable; fails with L{shardkv.errors.StorageError} otherwise.
         """
 
     def scan(self, start: str = "", limit: int = 1000) -> Iterator[tuple[str, Record]]:

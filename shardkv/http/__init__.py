@@ -1,1 +1,0 @@
-"""HTTP pieces shared by the node and the proxy."""

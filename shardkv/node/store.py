@@ -1,0 +1,137 @@
+"""A node's own copy of the data: what its routes ask of its storage engine.
+
+Two kinds of caller use it. Clients of the data API (``/kv``, ``/set``) read
+and write the node directly: a write checks its precondition and mints its
+version (L{shardkv.core.writes}) against the engine's newest record in the
+same reactor turn that queues it, so no other request can slip between the
+check and the write. The replica routes store records minted elsewhere, only
+if they are newer, or keep them as hints for a node that was down.
+
+Reads answer inline; writes fire once the engine made them durable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.python.failure import Failure
+
+from shardkv.core.conditions import Precondition
+from shardkv.core.records import CorruptRecord, Record
+from shardkv.core.versions import Version, VersionClock
+from shardkv.core.writes import WriteResult, next_tombstone, next_value
+from shardkv.errors import NotFound, ShardkvError, ValueTooLarge
+from shardkv.replica import codec
+from shardkv.storage.engine import StorageEngine
+
+Outcome = Record | bool | ShardkvError
+"""One batch operation's outcome: a read's record, a write's "applied", or
+the domain error that operation alone failed with."""
+
+
+class NodeStore:
+    def __init__(
+        self,
+        node_id: str,
+        engine: StorageEngine,
+        versions: VersionClock,
+        max_value_bytes: int,
+        now_ms: Callable[[], int],
+    ) -> None:
+        self.node_id = node_id
+        self.engine = engine
+        self.versions = versions
+        self.max_value_bytes = max_value_bytes
+        self.now_ms = now_ms
+
+    # the data API
+
+    def _stored(self, key: str, latest: bool = False) -> Record | None:
+        """The committed record, or with ``latest`` the newest one queued."""
+        try:
+            return self.engine.latest(key) if latest else self.engine.get(key)
+        except CorruptRecord as e:
+            raise CorruptRecord(
+                f"the stored record for {key!r} on {self.node_id} failed its checksum: {e}"
+            ) from None
+
+    def read(self, key: str) -> Record | None:
+        record = self._stored(key)
+        if record is None or record.tombstone:
+            return None
+        return record
+
+    def write(
+        self, key: str, value: bytes, content_type: str, pre: Precondition
+    ) -> Deferred[WriteResult]:
+        record, result = next_value(
+            self._stored(key, latest=True), pre, self.versions, value, content_type, self.now_ms()
+        )
+        return self.engine.put(key, record).addCallback(lambda _: result)
+
+    def remove(self, key: str, pre: Precondition) -> Deferred[Version]:
+        record = next_tombstone(
+            key, self._stored(key, latest=True), pre, self.versions, self.now_ms()
+        )
+        return self.engine.put(key, record).addCallback(lambda _: record.version)
+
+    # the replica routes
+
+    def replica_record(self, key: str) -> Record:
+        """The stored record, tombstones included, as replication sees it.
+
+        A corrupt record is reported as missing, so that the coordinator's
+        read repair overwrites it with a good copy from another replica.
+        """
+        try:
+            record = self.engine.get(key)
+        except CorruptRecord as e:
+            raise NotFound(f"the record for {key!r} is corrupt: {e}", "corrupt_record") from None
+        if record is None:
+            raise NotFound(f"no record for key {key!r}")
+        return record
+
+    def accept(self, key: str, record: Record, hint_for: str | None) -> Deferred[bool]:
+        """Store a replicated record if newer, or keep it as a hint for ``hint_for``."""
+        local = dataclasses.replace(record, stored_ms=self.now_ms())
+        if hint_for is not None:
+            return self.engine.put_hint(hint_for, key, local)
+        return self.engine.put(key, local)
+
+    def run_batch(self, ops: Sequence[codec.Op]) -> Deferred[list[Outcome]]:
+        """Every operation's outcome, once every write in the batch is durable.
+
+        Reads answer from the engine at once; writes join the same group
+        commit. One operation's failure is its own outcome, not the batch's.
+        """
+        outcomes: list[Deferred[Any]] = []
+        for op in ops:
+            if isinstance(op, codec.GetOp):
+                outcomes.append(self._get(op.key))
+            else:
+                outcomes.append(self._put(op))
+        return gatherResults(outcomes)
+
+    def _get(self, key: str) -> Deferred[Any]:
+        try:
+            return succeed(self.replica_record(key))
+        except NotFound as e:
+            return succeed(e)
+
+    def _put(self, op: codec.PutOp) -> Deferred[Any]:
+        if len(op.record.value) > self.max_value_bytes:
+            message = f"the value is over this node's {self.max_value_bytes}-byte limit"
+            return succeed(ValueTooLarge(message, "value_too_large"))
+        applied: Deferred[Any] = self.accept(op.key, op.record, op.hint_for)
+        return applied.addErrback(self._own_failure)
+
+    def _own_failure(self, failure: Failure) -> ShardkvError:
+        """A domain error becomes this operation's outcome; anything else fails the batch."""
+        failure.trap(ShardkvError)
+        err = failure.value
+        assert isinstance(err, ShardkvError)
+        err.message = f"{self.node_id}: {err.message}"
+        return err

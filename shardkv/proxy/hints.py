@@ -1,0 +1,93 @@
+"""What the proxy does for a replica that missed a write: find it a hint holder.
+
+Once every target of a write has answered, each home replica that did not
+acknowledge gets the record as a hint on another node (``?hint_for=HOME``),
+which hands it back when HOME returns (L{shardkv.node.handoff}). A record
+that no node could take waits here, in a bounded queue, and is retried every
+second; only a proxy restart (or an overflowing queue) leaves it to read
+repair.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from shardkv.core.placement import Ring
+from shardkv.core.quorum import Outcome, Reply, WriteQuorum
+from shardkv.core.records import Record
+from shardkv.proxy.health import HealthMonitor
+from shardkv.replica.client import ReplicaClient
+
+log = Logger(namespace="shardkv.proxy.hints")
+
+DEFAULT_MAX_UNDELIVERED = 100_000
+
+
+class HintKeeper:
+    def __init__(
+        self,
+        ring: Ring,
+        replica_client: ReplicaClient,
+        health: HealthMonitor,
+        max_undelivered: int = DEFAULT_MAX_UNDELIVERED,
+    ) -> None:
+        self.ring = ring
+        self.replica_client = replica_client
+        self.health = health
+        self.max_undelivered = max_undelivered
+        self.undelivered: dict[tuple[str, str], Record] = {}
+
+    def missed(
+        self, key: str, record: Record, quorum: WriteQuorum, preference: list[str], n: int
+    ) -> None:
+        """Once every target answered: make sure each replica that missed the write gets it.
+
+        Not for a write that failed everywhere: the client was told it was
+        not applied, and a hint would apply it later.
+        """
+        if quorum.outcome() is Outcome.FAILED:
+            return
+        for target, reply in quorum.replies.items():
+            if reply is Reply.OK:
+                continue
+            home = target.hint_for or target.node
+            holders = [p for p in preference[n:] + preference[:n] if p not in (home, target.node)]
+            Deferred.fromCoroutine(self._keep_for(home, key, record, holders))
+
+    async def _keep_for(self, home: str, key: str, record: Record, holders: list[str]) -> None:
+        """Hand ``record`` to the first live holder that takes it as a hint for
+        ``home`` (or, when the holder is ``home`` itself, as its own copy), else
+        queue it here."""
+        for holder in holders:
+            if self.health.is_down(holder):
+                continue
+            hint_for = None if holder == home else home
+            try:
+                await self.replica_client.replica_put(holder, key, record, hint_for)
+            except Exception as e:
+                self.health.call_failed(holder, e)
+                continue
+            return
+        self._queue(home, key, record)
+
+    def _queue(self, home: str, key: str, record: Record) -> None:
+        slot = (home, key)
+        queued = self.undelivered.get(slot)
+        if queued is not None and queued.version >= record.version:
+            return
+        if queued is None and len(self.undelivered) >= self.max_undelivered:
+            log.warn(
+                "undelivered queue full; {home} gets {key!r} by read repair", home=home, key=key
+            )
+            return
+        self.undelivered[slot] = record
+
+    async def retry(self) -> None:
+        """Deliver queued records to their home replicas, or to a holder as hints."""
+        for (home, key), record in list(self.undelivered.items()):
+            if self.undelivered.get((home, key)) is not record:
+                continue
+            del self.undelivered[(home, key)]
+            preference = self.ring.preference_list(key, len(self.ring.nodes))
+            await self._keep_for(home, key, record, [home, *(p for p in preference if p != home)])

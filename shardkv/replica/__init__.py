@@ -1,0 +1,2 @@
+"""The proxy-to-node replica protocol, both ends: paths and headers, the batch
+codec, the client and its pipelines."""

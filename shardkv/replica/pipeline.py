@@ -1,0 +1,184 @@
+"""One node's queue of replica operations, sent as batches.
+
+Why: see L{shardkv.replica.codec}. A pipeline keeps at most ``depth`` batches
+in flight to its node. While all of them are out, new operations wait in a
+queue, and the next batch to leave takes everything that waited (up to
+L{MAX_OPS}). So a lightly loaded proxy sends each operation at once, alone,
+and a busy one sends fewer, larger batches: the batch size follows the load
+with no timer and no added latency (the same idea as group commit).
+
+Every operation has its own deadline, counted from when it was submitted,
+so time spent queued behind a slow batch counts too (one timer per pipeline
+keeps them all). An operation that is
+cancelled or expires before its batch leaves is never sent, and a batch
+whose every operation was cancelled (the clients hung up) is cancelled too.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from shardkv.errors import NodeBusy, NodeTimeout
+from shardkv.replica.codec import MAX_OPS, Op, Result
+
+Send = Callable[[str, Sequence[Op]], Deferred[list[Result]]]
+
+
+class _Pending:
+    __slots__ = ("batch", "deadline", "deferred", "done", "op", "owner", "sent")
+
+    def __init__(self, op: Op, owner: NodePipeline, deadline: float) -> None:
+        self.op = op
+        self.owner = owner
+        self.deadline = deadline
+        self.deferred: Deferred[Result] = Deferred(self._cancel)
+        self.sent = False
+        self.done = False
+        self.batch: _Batch | None = None
+
+    def _cancel(self, _: Deferred[Result]) -> None:
+        if not self.done:
+            self.done = True
+            self.owner._settled()
+        if self.batch is not None:
+            self.batch.abandoned_by(self)
+
+    def settle(self, outcome: Result | Failure) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.owner._settled()
+        if isinstance(outcome, Failure):
+            self.deferred.errback(outcome)
+        else:
+            self.deferred.callback(outcome)
+
+
+class _Batch:
+    """Operations that left together; cancelled once nobody waits for any of them."""
+
+    __slots__ = ("deferred", "pending")
+
+    def __init__(self, pending: list[_Pending]) -> None:
+        self.pending = pending
+        self.deferred: Deferred[list[Result]] | None = None
+        for p in pending:
+            p.sent = True
+            p.batch = self
+
+    def abandoned_by(self, leaving: _Pending) -> None:
+        if self.deferred is not None and all(p is leaving or p.done for p in self.pending):
+            self.deferred.cancel()
+
+
+class NodePipeline:
+    def __init__(
+        self,
+        node: str,
+        send: Send,
+        clock: IReactorTime,
+        timeout: float,
+        depth: int,
+        max_queued: int = 10_000,
+    ) -> None:
+        self.node = node
+        self._send = send
+        self._clock = clock
+        self._timeout = timeout
+        self.depth = depth
+        self.max_queued = max_queued
+        self._queue: deque[_Pending] = deque()
+        self._by_deadline: deque[_Pending] = deque()
+        self._unsettled = 0
+        self._timer: IDelayedCall | None = None
+        self._sweeping = False
+        self.in_flight = 0
+        self.batches = 0
+        self.ops = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def submit(self, op: Op) -> Deferred[Result]:
+        """The node's answer to ``op``, or a L{shardkv.errors.ReplicaCallFailed}."""
+        if len(self._queue) >= self.max_queued:
+            return fail(NodeBusy(self.node, len(self._queue)))
+        pending = _Pending(op, self, self._clock.seconds() + self._timeout)
+        self._unsettled += 1
+        self._by_deadline.append(pending)
+        if self._timer is None and not self._sweeping:
+            self._timer = self._clock.callLater(self._timeout, self._expire_due)
+        self._queue.append(pending)
+        self._flush()
+        return pending.deferred
+
+    def _settled(self) -> None:
+        self._unsettled -= 1
+        if self._unsettled == 0:
+            self._by_deadline.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _expire_due(self) -> None:
+        """Fail every operation whose deadline has passed, then wait for the next.
+
+        Every operation gets the same timeout, so deadlines are in submission
+        order: one timer per pipeline replaces a timer per operation, which
+        cost the proxy more than the rest of the pipeline under load.
+        """
+        self._timer = None
+        self._sweeping = True
+        try:
+            now = self._clock.seconds()
+            due = self._by_deadline
+            while due and (due[0].done or due[0].deadline <= now):
+                pending = due.popleft()
+                timeout = NodeTimeout(self.node, self._timeout, sent=pending.sent)
+                pending.settle(Failure(timeout))
+        finally:
+            self._sweeping = False
+        if self._by_deadline and self._timer is None:
+            delay = max(0.0, self._by_deadline[0].deadline - self._clock.seconds())
+            self._timer = self._clock.callLater(delay, self._expire_due)
+
+    def _flush(self) -> None:
+        while self._queue and self.in_flight < self.depth:
+            taken: list[_Pending] = []
+            while self._queue and len(taken) < MAX_OPS:
+                pending = self._queue.popleft()
+                if not pending.done:
+                    taken.append(pending)
+            if not taken:
+                return
+            self.in_flight += 1
+            self.batches += 1
+            self.ops += len(taken)
+            batch = _Batch(taken)
+            sent = self._send(self.node, [p.op for p in taken])
+            batch.deferred = sent
+            sent.addBoth(self._landed, batch)
+
+    def _landed(self, outcome: list[Result] | Failure, batch: _Batch) -> None:
+        self.in_flight -= 1
+        if isinstance(outcome, Failure):
+            for pending in batch.pending:
+                pending.settle(outcome)
+        else:
+            for pending, result in zip(batch.pending, outcome, strict=True):
+                pending.settle(result)
+        self._flush()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "in_flight": self.in_flight,
+            "queued": self.queued,
+            "batches": self.batches,
+            "ops": self.ops,
+        }

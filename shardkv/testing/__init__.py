@@ -1,0 +1,2 @@
+"""Test doubles and harnesses for shardkv: in-memory clusters, real processes,
+history checkers."""

@@ -1,0 +1,984 @@
+"""
+In-memory tests of the coordinator (L{shardkv.proxy.coordinator}), through the proxy.
+
+Every key lives on the first N nodes of its preference list (its home
+replicas); the coordinator answers a read after R replies and a write after
+W durable acknowledgements from home replicas (R=W=2 unless a request says
+otherwise), never waiting for the slowest replica, and repairs stale
+replicas after a read. When a quorum cannot be had, its answer says how many
+replicas answered and whether a write may still have been applied.
+
+The first tests keep one copy of each key (N=R=W=1), so that a failing
+owner is the whole quorum; the rest run on fresh 3- and 5-node replicated
+clusters, most as tables where each row is a fresh cluster and a failure
+names its row. Hints for replicas that missed a write are
+C{tests.proxy.test_hints}'s.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from unittest import mock
+from urllib.parse import quote
+
+from treq.testing import StubTreq
+from twisted.internet.defer import fail
+from twisted.trial.unittest import SynchronousTestCase
+
+from shardkv.core.versions import Version, VersionClock
+from shardkv.errors import StorageFull
+from shardkv.proxy.app import ProxyApp
+from shardkv.proxy.coordinator import Coordinator
+from shardkv.proxy.health import HealthMonitor
+from shardkv.proxy.hints import HintKeeper
+from shardkv.storage.memory import MemoryEngine
+from shardkv.testing.history import History, Op, check_final, check_reads
+from shardkv.testing.memory import PROXY_WRITER
+from shardkv.web.dataroutes import DEFAULT_MAX_VALUE_BYTES
+from tests.helpers import (
+    HTTP,
+    NODES_3,
+    NODES_5,
+    Reply,
+    answered,
+    check_health,
+    cluster_http,
+    deliver_hints,
+    flusher,
+    hints_for_key,
+    home_replicas,
+    install_faults,
+    memory_cluster,
+    quorum_status,
+    record_holders,
+    same_data,
+    settle,
+)
+from tests.proxy.cluster_case import (
+    NODES,
+    POSITIONS,
+    TIMEOUT,
+    ClusterCase,
+    OwnerCase,
+    hint_holders,
+    holders,
+    key_owned_by,
+    kv,
+    new_cluster,
+    proxy_http,
+    version_of,
+)
+
+# -- where writes go ----------------------------------------------------------
+
+
+class OwnerPlacementTests(SynchronousTestCase):
+    """With one copy, keys go to the ring's owner and nowhere else."""
+
+    def setUp(self) -> None:
+        self.cluster = new_cluster()
+        self.http = proxy_http(self, self.cluster)
+
+    def test_put_lands_on_exactly_the_owner(self) -> None:
+        keys = ["name", "café", "a/b", "🙂", "x" * 1024, *(f"k{i}" for i in range(20))]
+        for key in keys:
+            reply = self.http.put("/kv/" + quote(key, safe=""), b"v")
+            self.assertEqual(reply.code, 201, key)
+            owner = self.cluster.ring.owner(key)
+            self.assertEqual(holders(self.cluster, key), [owner], key)
+            record = self.cluster.nodes[owner].store.engine.get(key)
+            assert record is not None
+            # The proxy minted the version (its clock is the writer) and the
+            # owner stored exactly that version.
+            self.assertEqual(record.version, Version.parse(reply.json()["version"]))
+            self.assertEqual(record.version.writer, PROXY_WRITER)
+
+    def test_seed_api_lands_on_the_owner_too(self) -> None:
+        reply = self.http.post_json("/set", {"key": "name", "value": "alice"})
+        owner = self.cluster.ring.owner("name")
+        self.assertEqual(holders(self.cluster, "name"), [owner])
+        self.assertEqual(Version.parse(reply.json()["version"]).writer, PROXY_WRITER)
+        deleted = self.http.post_json("/delete", {"key": "name"})
+        record = self.cluster.nodes[owner].store.engine.get("name")
+        assert record is not None
+        self.assertTrue(record.tombstone)
+        self.assertEqual(record.version, Version.parse(deleted.json()["version"]))
+        self.assertEqual(holders(self.cluster, "name"), [owner])
+
+    def test_keys_spread_over_all_nodes(self) -> None:
+        keys = [f"user:{i}" for i in range(300)]
+        for key in keys:
+            self.assertEqual(self.http.post_json("/set", {"key": key, "value": key}).code, 200)
+        counts = {n: len(list(app.store.engine.scan())) for n, app in self.cluster.nodes.items()}
+        self.assertEqual(sum(counts.values()), 300)
+        for node, count in counts.items():
+            # Each node owns about a third of the ring; 300 fixed keys land
+            # 100 +- 9 apiece (one standard deviation), so 60 is a real floor.
+            self.assertGreaterEqual(count, 60, counts)
+            self.assertEqual(
+                count,
+                sum(1 for key in keys if self.cluster.ring.owner(key) == node),
+                node,
+            )
+        for key in keys[::10]:
+            self.assertEqual(self.http.get("/get?key=" + quote(key)).json()["value"], key)
+
+
+class PlacementTests(ClusterCase):
+    def test_write_lands_on_exactly_the_home_replicas(self) -> None:
+        """
+        A write (and a delete's tombstone) is stored on exactly the N home
+        replicas, all with the version the proxy minted and answered; a read
+        then returns it. A cluster smaller than N keeps a copy on every node.
+        """
+        for size, nodes in [(3, NODES_3), (5, NODES_5), (2, NODES_3[:2])]:
+            self.cluster = memory_cluster(nodes, TIMEOUT)
+            self.http = cluster_http(self, self.cluster)
+            for i in range(8):
+                key = f"user:{i}"
+                home = home_replicas(self.cluster, key, min(3, len(nodes)))
+                reply = self.now("PUT", kv(key), b"v%d" % i)
+                self.assertEqual(reply.code, 201, (size, key))
+                version = version_of(reply)
+                self.assertEqual(version.writer, PROXY_WRITER)
+                self.assertEqual(sorted(record_holders(self.cluster, key)), sorted(home))
+                self.assertEqual(self.versions(key, home), [version] * len(home), (size, key))
+                got = self.now("GET", kv(key))
+                self.assertEqual(
+                    (got.code, got.body, got.header("etag")), (200, b"v%d" % i, version.etag())
+                )
+
+                deleted = version_of(self.now("DELETE", kv(key)))
+                self.assertGreater(deleted, version)
+                self.assertEqual(sorted(record_holders(self.cluster, key)), sorted(home))
+                for node in home:
+                    record = self.stored(node, key)
+                    assert record is not None
+                    self.assertEqual((record.version, record.tombstone), (deleted, True), node)
+                self.assertEqual(self.now("GET", kv(key)).code, 404)
+            self.no_hints()
+
+
+# -- quorum levels ------------------------------------------------------------
+
+
+class QuorumLevelTests(ClusterCase):
+    def test_r_and_w_per_request_with_one_replica_down(self) -> None:
+        """
+        ?r= / ?w= and the X-Shardkv-R / X-Shardkv-W headers set R and W for
+        one request. With one of three home replicas down, W=3 or R=3 cannot
+        be had: 503, and a write sends nothing. W=2, R=2 and the defaults work.
+        """
+        rows: list[tuple[str, str, dict[str, str], int, dict[str, object]]] = [
+            ("PUT", "?w=3", {}, 503, {"acks": 0, "required": 3, "outcome": "not_applied"}),
+            ("PUT", "", {"X-Shardkv-W": "3"}, 503, {"required": 3, "outcome": "not_applied"}),
+            ("DELETE", "?w=3", {}, 503, {"required": 3, "outcome": "not_applied"}),
+            ("PUT", "?w=2", {}, 200, {}),
+            ("PUT", "", {"X-Shardkv-W": "1"}, 200, {}),
+            ("PUT", "", {}, 200, {}),
+            ("GET", "?r=3", {}, 503, {"replied": 2, "required": 3}),
+            ("GET", "", {"X-Shardkv-R": "3"}, 503, {"replied": 2, "required": 3}),
+            ("GET", "?r=2", {}, 200, {}),
+            ("GET", "", {"X-Shardkv-R": "1"}, 200, {}),
+            ("PUT", "?r=3", {}, 503, {"replied": 2, "required": 3, "outcome": "not_applied"}),
+        ]
+        clusters = [(3, 0), (5, 0), (5, 1), (5, 2)]  # (size, position of the down replica)
+        for (method, query, headers, code, fields), (size, position) in itertools.product(
+            rows, clusters
+        ):
+            row = (method, query, headers, size, position)
+            self.use(size)
+            key = "k"
+            home = home_replicas(self.cluster, key)
+            self.assertEqual(self.now("PUT", kv(key), b"old").code, 201)
+            self.down(home[position])
+            sent = len(self.faults.calls)
+            body = b"new" if method == "PUT" else None
+            reply = self.now(method, kv(key) + query, body, **headers)
+            self.assertEqual(reply.code, code, (row, reply.body))
+            if code == 503:
+                payload = reply.json()
+                self.assertEqual(payload["error"], "insufficient_replicas", row)
+                self.assertEqual({f: payload.get(f) for f in fields}, fields, row)
+                if method == "GET":
+                    self.assertNotIn("outcome", payload, row)
+                else:
+                    # Nothing was sent: the only replica writes are the first PUT's.
+                    self.assertEqual(len(self.faults.writes()), 3, row)
+                    self.assertEqual(self.now("GET", kv(key)).body, b"old", row)
+            else:
+                self.assertGreater(len(self.faults.calls), sent, row)
+
+    def test_r_and_w_decide_how_long_a_request_waits(self) -> None:
+        """
+        With one home replica hung, a request needing all three replies waits
+        for the timeout (then 504); one needing fewer answers at once.
+        """
+        rows: list[tuple[str, str, dict[str, str], bool]] = [
+            ("PUT", "?w=3", {}, True),
+            ("PUT", "", {"X-Shardkv-W": "3"}, True),
+            ("PUT", "?r=3", {}, True),
+            ("GET", "?r=3", {}, True),
+            ("GET", "", {"X-Shardkv-R": "3"}, True),
+            ("PUT", "", {}, False),
+            ("PUT", "?r=1&w=1", {}, False),
+            ("GET", "", {}, False),
+            ("GET", "?r=1", {}, False),
+            ("DELETE", "", {}, False),
+        ]
+        for (method, query, headers, waits), position in itertools.product(rows, POSITIONS):
+            row = (method, query, headers, position)
+            self.use(5)
+            key = "k"
+            home = home_replicas(self.cluster, key)
+            self.assertEqual(self.now("PUT", kv(key), b"old").code, 201)
+            self.cluster.network.hung.add(home[position])
+            body = b"new" if method == "PUT" else None
+            d = self.http.start(method, kv(key) + query, body, headers)
+            self.http.pump(d)
+            self.assertEqual(answered(d), not waits, row)
+            if waits:
+                self.cluster.clock.advance(TIMEOUT + 0.01)
+                reply = self.http.finish(d)
+                self.assertEqual(reply.error(), (504, "replica_timeout"), row)
+            else:
+                self.assertIn(self.successResultOf(d).code, (200, 201), row)
+
+    def test_invalid_quorum(self) -> None:
+        """R or W above N, or not a positive whole number, is 400 and sends nothing."""
+        self.use(5)
+        self.now("PUT", kv("k"), b"v")
+        self.faults.calls.clear()
+        cases: list[tuple[str, str, dict[str, str], str | None]] = [
+            ("GET", "?r=4", {}, "r=4 and w=2 must not exceed the 3 replicas of each key"),
+            ("PUT", "?w=4", {}, "r=2 and w=4 must not exceed the 3 replicas of each key"),
+            ("DELETE", "?r=9&w=1", {}, "r=9 and w=1 must not exceed the 3 replicas of each key"),
+            ("GET", "", {"X-Shardkv-R": "4"}, None),
+            ("PUT", "", {"X-Shardkv-W": "4"}, None),
+            ("GET", "?r=0", {}, "r must be a positive whole number, not '0'"),
+            ("PUT", "?w=two", {}, "w must be a positive whole number, not 'two'"),
+            ("PUT", "?w=-1", {}, None),
+            ("GET", "", {"X-Shardkv-R": "1.5"}, None),
+        ]
+        for method, query, headers, message in cases:
+            reply = self.http.request(method, kv("k") + query, b"x", headers)
+            self.assertEqual(reply.error(), (400, "invalid_quorum"), (method, query, headers))
+            if message is not None:
+                self.assertEqual(reply.json()["message"], message)
+        self.assertEqual(self.faults.calls, [])
+        self.assertEqual(self.now("GET", kv("k")).body, b"v")
+
+
+class SloppyQuorumTests(ClusterCase):
+    """W counts acknowledgements from home replicas, unless a write asks to be sloppy."""
+
+    def test_hinted_copy_does_not_count_toward_w(self) -> None:
+        """
+        With two of three home replicas down, W=2 cannot be met by home
+        replicas: 503 "not_applied" and nothing is sent. With ?sloppy=true
+        (or X-Shardkv-Sloppy) the stand-ins' hinted copies count, and it
+        succeeds. (?r=1 lets the write's own quorum read through: it asks only
+        home replicas.)
+        """
+        for pair, (query, headers) in itertools.product(
+            itertools.combinations(POSITIONS, 2),
+            [("?r=1&sloppy=true", {}), ("?r=1", {"X-Shardkv-Sloppy": "true"})],
+        ):
+            row = (pair, query, headers)
+            self.use(5)
+            key = "k"
+            preference = self.cluster.ring.preference_list(key, 5)
+            home = preference[:3]
+            missing = [home[p] for p in pair]
+            self.down(*missing)
+
+            for strict in ["?r=1", "?r=1&w=2", ""]:
+                reply = self.now("PUT", kv(key) + strict, b"v")
+                self.assertEqual(reply.error(), (503, "insufficient_replicas"), (row, strict))
+                if strict:
+                    fields = {k: reply.json()[k] for k in ("acks", "required", "outcome", "down")}
+                    expected = {
+                        "acks": 0,
+                        "required": 2,
+                        "outcome": "not_applied",
+                        "down": missing,  # in preference order
+                    }
+                    self.assertEqual(fields, expected, (row, strict))
+            self.assertEqual(self.faults.writes(), [], row)
+            self.assertEqual(record_holders(self.cluster, key), [], row)
+
+            reply = self.now("PUT", kv(key) + query, b"v", **headers)
+            self.assertEqual(reply.code, 201, row)
+            [live] = [n for n in home if n not in missing]
+            self.assertEqual(record_holders(self.cluster, key), [live], row)
+            self.assertEqual(
+                hints_for_key(self.cluster, key),
+                {preference[3]: [missing[0]], preference[4]: [missing[1]]},
+                row,
+            )
+
+    def test_sloppy_write_needs_w_distinct_nodes(self) -> None:
+        """
+        W counts nodes, not hints: in a 3-node cluster with two home replicas
+        down, the one live node would keep its copy and both hints, so even a
+        sloppy W=2 is out of reach and nothing is sent. (It once answered 201
+        with a single copy.)
+        """
+        self.use(3)
+        home = home_replicas(self.cluster, "k")
+        self.down(home[0], home[1])
+        reply = self.now("PUT", kv("k") + "?r=1&sloppy=true", b"v")
+        self.assertEqual(reply.error(), (503, "insufficient_replicas"))
+        fields = {f: reply.json()[f] for f in ("acks", "required", "outcome")}
+        self.assertEqual(fields, {"acks": 0, "required": 2, "outcome": "not_applied"})
+        self.assertEqual(self.faults.writes(), [])
+        self.assertEqual(self.now("PUT", kv("k") + "?r=1&w=1&sloppy=true", b"v").code, 201)
+
+
+# -- a failing owner ----------------------------------------------------------
+
+
+class OwnerFailureTests(OwnerCase):
+    """
+    A failing owner gets the quorum's JSON answer; other nodes' keys keep
+    working.
+    """
+
+    def test_refused_read(self) -> None:
+        self.refuse()
+        for path in [self.path, "/get?key=" + quote(self.key)]:
+            self.assertUnread(self.http.get(path))
+        state = self.cluster.health.state(self.node)
+        self.assertEqual((state.status, state.error), ("down", self.refused_error()))
+
+    def test_refused_write_is_not_applied(self) -> None:
+        """
+        A write whose owner refuses the connection is 503 and reaches no node:
+        its quorum read already fails, so no replica write is ever sent, and
+        the answer says so.
+        """
+        self.refuse()
+        for method, path, body in self.writes():
+            self.cluster.health.mark(self.node, up=True)
+            reply = self.http.request(method, path, body)
+            self.assertFields(
+                reply,
+                503,
+                "insufficient_replicas",
+                replied=0,
+                required=1,
+                failed=[self.node],
+                outcome="not_applied",
+            )
+        self.assertEqual(self.faults.writes(), [])
+        self.assertEqual((holders(self.cluster, self.key), hint_holders(self.cluster)), ([], {}))
+        state = self.cluster.health.state(self.node)
+        self.assertEqual((state.status, state.error), ("down", self.refused_error()))
+
+    def test_write_refused_after_its_read_is_not_applied(self) -> None:
+        """
+        An owner that answers the quorum read but refuses the replica write
+        (it went down in between) gives a definite failure: nothing was sent.
+        """
+        self.faults.refuse_writes.add(self.node)
+        reply = self.http.put(self.path, b"v")
+        self.assertBody(
+            reply,
+            503,
+            {
+                "error": "insufficient_replicas",
+                "message": (
+                    "only 0 of the 1 replicas needed acknowledged; the write was not applied"
+                ),
+                "acks": 0,
+                "required": 1,
+                "outcome": "not_applied",
+            },
+        )
+        self.assertEqual(holders(self.cluster, self.key), [])
+        self.assertTrue(self.cluster.health.is_down(self.node))
+
+    def test_down_node_answers_503_without_a_call(self) -> None:
+        """
+        Once a refusal marked the node down, requests for its keys fail at
+        once with 503: even with the node reachable again, nothing reaches it
+        until a health check brings it back.
+        """
+        self.refuse()
+        self.assertEqual(self.http.put(self.path, b"v").code, 503)
+        self.cluster.network.down.clear()  # the node works, but the proxy must not ask it
+        self.faults.calls.clear()
+
+        for reply in [
+            self.http.put(self.path, b"v"),
+            self.http.post_json("/set", {"key": self.key, "value": "v"}),
+            self.http.get(self.path),
+            self.http.get("/get?key=" + quote(self.key)),
+            self.http.delete(self.path),
+        ]:
+            self.assertFields(
+                reply, 503, "insufficient_replicas", replied=0, required=1, failed=[self.node]
+            )
+            if reply.json().get("outcome") is not None:  # writes say nothing was written
+                self.assertEqual(reply.json()["outcome"], "not_applied")
+        self.assertEqual(self.faults.calls, [])
+        self.assertEqual(holders(self.cluster, self.key), [])
+
+    def test_other_nodes_keep_working(self) -> None:
+        self.refuse()
+        self.assertEqual(self.http.put(self.path, b"v").code, 503)
+        for node, key in self.others.items():
+            path = "/kv/" + quote(key, safe="")
+            self.assertEqual(self.http.put(path, b"v").code, 201, node)
+            got = self.http.get(path)
+            self.assertEqual((got.code, got.body), (200, b"v"), node)
+            self.assertEqual(self.http.delete(path).code, 200, node)
+            self.assertEqual(holders(self.cluster, key), [node])
+        self.assertEqual(self.http.get("/health").json()["nodes_up"], 2)
+
+    def test_hung_write_outcome_is_unknown(self) -> None:
+        """
+        An owner that answers the quorum read but never acknowledges the
+        replica write gives 504 after the timeout: the write may or may not
+        have been applied. A hint for the owner is left on another node, so
+        the write may still become visible.
+        """
+        self.assertEqual(self.http.put(self.path, b"v0").code, 201)
+        self.faults.hang_writes.add(self.node)
+        for method, path, body in self.writes():
+            self.cluster.health.mark(self.node, up=True)
+            reply = self.hang(method, path, body)
+            self.assertBody(
+                reply,
+                504,
+                {
+                    "error": "replica_timeout",
+                    "message": (
+                        "only 0 of the 1 replicas needed acknowledged in time; "
+                        "the write may or may not have been applied"
+                    ),
+                    "acks": 0,
+                    "required": 1,
+                    "outcome": "unknown",
+                },
+            )
+            self.assertTrue(self.cluster.health.is_down(self.node))
+            settle(self.cluster)
+            [(stand_in, waiting)] = hint_holders(self.cluster).items()
+            self.assertEqual((waiting, stand_in != self.node), ({self.node: 1}, True))
+
+    def test_hung_write_times_out(self) -> None:
+        """
+        A wholly hung owner times out the write's quorum read: 504, and
+        nothing was sent, which the answer says.
+        """
+        for method, path, body in self.writes():
+            self.cluster.health.mark(self.node, up=True)
+            reply = self.hang(method, path, body)
+            self.assertFields(
+                reply,
+                504,
+                "replica_timeout",
+                replied=0,
+                required=1,
+                failed=[self.node],
+                outcome="not_applied",
+            )
+        self.assertEqual(self.faults.writes(), [])
+
+    def test_hung_read_times_out(self) -> None:
+        for path in [self.path, "/get?key=" + quote(self.key)]:
+            self.cluster.health.mark(self.node, up=True)
+            reply = self.hang("GET", path)
+            self.assertQuorumError(
+                reply,
+                504,
+                "replica_timeout",
+                "only 0 of the 1 replicas needed answered in time",
+                replied=0,
+                required=1,
+                failed=[self.node],
+            )
+
+    def test_hung_node_does_not_block_other_keys(self) -> None:
+        self.cluster.network.hung.add(self.node)
+        stuck = self.http.start("PUT", self.path, b"v")
+        for node, key in self.others.items():
+            reply = self.http.put("/kv/" + quote(key, safe=""), b"v")
+            self.assertEqual(reply.code, 201, node)
+        self.assertNoResult(stuck)
+        self.cluster.clock.advance(TIMEOUT + 1)
+        self.assertEqual(self.http.finish(stuck).code, 504)
+
+
+class NodeErrorTests(SynchronousTestCase):
+    """
+    The proxy decides preconditions itself; an error a node answers is a
+    failed reply in the quorum, not a sign that the node is down.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = new_cluster()
+        self.http = proxy_http(self, self.cluster)
+        self.faults = install_faults(self.cluster)
+
+    def test_precondition_failed_is_decided_by_the_proxy(self) -> None:
+        key = key_owned_by(self.cluster, NODES[2])
+        path = "/kv/" + quote(key, safe="")
+        v1 = Version.parse(self.http.put(path, b"1").json()["version"])
+        v2 = Version.parse(self.http.put(path, b"2").json()["version"])
+        sent = len(self.faults.writes())
+        reply = self.http.put(path, b"3", {"If-Match": v1.etag()})
+        self.assertEqual(
+            (reply.code, reply.json()),
+            (
+                412,
+                {
+                    "error": "precondition_failed",
+                    "message": f"If-Match wants {v1} but the key has {v2}",
+                },
+            ),
+        )
+        # Checked against the quorum read: no replica write was sent.
+        self.assertEqual(len(self.faults.writes()), sent)
+        record = self.cluster.nodes[NODES[2]].store.engine.get(key)
+        assert record is not None
+        self.assertEqual((record.version, record.value), (v2, b"2"))
+
+    def test_node_error_is_a_failed_reply(self) -> None:
+        """
+        An owner whose engine refuses the write (its disk is full) makes the
+        write a definite failure: 503 ``not_applied``. The node answered, so
+        it is not marked down.
+        """
+        node = NODES[0]
+        key = key_owned_by(self.cluster, node)
+        engine: Any = self.cluster.nodes[node].store.engine
+        with mock.patch.object(engine, "put", lambda k, rec: fail(StorageFull("the disk is full"))):
+            reply = self.http.put("/kv/" + quote(key, safe=""), b"12345")
+        self.assertEqual(
+            (reply.code, reply.json()),
+            (
+                503,
+                {
+                    "error": "insufficient_replicas",
+                    "message": (
+                        "only 0 of the 1 replicas needed acknowledged; the write was not applied"
+                    ),
+                    "acks": 0,
+                    "required": 1,
+                    "outcome": "not_applied",
+                },
+            ),
+        )
+        self.assertEqual(holders(self.cluster, key), [])
+        self.assertFalse(self.cluster.health.is_down(node))
+
+
+# -- slow and hung replicas ---------------------------------------------------
+
+
+class SlowReplicaTests(ClusterCase):
+    def test_hung_replica_is_not_waited_for(self) -> None:
+        """
+        A hung home replica delays neither writes nor reads: they answer once
+        two replicas did, without the clock moving. When its calls time out,
+        it is marked down and the write it missed waits for it as a hint.
+        """
+        for size, position, op in itertools.product((3, 5), POSITIONS, ("PUT", "GET", "DELETE")):
+            row = (size, position, op)
+            self.use(size)
+            key = "k"
+            home = home_replicas(self.cluster, key)
+            self.assertEqual(self.now("PUT", kv(key), b"v0").code, 201)
+            hung = home[position]
+            self.cluster.network.hung.add(hung)
+
+            reply = self.now(op, kv(key), b"v1" if op == "PUT" else None)
+            self.assertEqual(reply.code, 200, row)
+            self.assertEqual(self.cluster.clock.seconds(), 0.0)
+            if op == "GET":
+                self.assertEqual(reply.body, b"v0", row)
+                continue
+            version = version_of(reply)
+            live = [n for n in home if n != hung]
+            self.assertEqual(self.versions(key, live), [version] * 2, row)
+
+            self.cluster.clock.advance(TIMEOUT + 0.01)
+            settle(self.cluster)
+            self.assertTrue(self.cluster.health.is_down(hung), row)
+            [stand_in] = hints_for_key(self.cluster, key)
+            self.assertEqual(hints_for_key(self.cluster, key)[stand_in], [hung], row)
+            self.assertNotEqual(stand_in, hung)
+
+    def test_slow_replica_is_not_waited_for_and_catches_up(self) -> None:
+        """
+        A replica that answers late (within the timeout) does not delay the
+        answer, still applies the write, and is neither marked down nor
+        hinted for.
+        """
+        for size, position in itertools.product((3, 5), POSITIONS):
+            row = (size, position)
+            self.use(size)
+            key = "k"
+            home = home_replicas(self.cluster, key)
+            slow = home[position]
+            self.faults.delay[slow] = 1.5
+            reply = self.now("PUT", kv(key), b"v")
+            self.assertEqual(reply.code, 201, row)
+            self.assertIsNone(self.stored(slow, key), row)
+            self.assertEqual(self.now("GET", kv(key)).body, b"v", row)
+            self.cluster.clock.advance(1.5)
+            settle(self.cluster)
+            self.assertEqual(self.versions(key, [slow]), [version_of(reply)], row)
+            self.assertFalse(self.cluster.health.is_down(slow), row)
+            self.no_hints()
+
+    def test_timeouts_after_sending_make_the_outcome_unknown(self) -> None:
+        """
+        Two of three home replicas take the write and never acknowledge it:
+        once their calls time out the answer is 504 with outcome "unknown"
+        and acks=1, never a definite failure. Both when only their writes
+        hang and when the nodes hang outright (with ?r=1 to get past the
+        write's quorum read).
+        """
+        for pair, mode in itertools.product(
+            itertools.combinations(POSITIONS, 2), ("writes hang", "nodes hang")
+        ):
+            row = (pair, mode)
+            self.use(5)
+            key = "k"
+            home = home_replicas(self.cluster, key)
+            hung = {home[p] for p in pair}
+            query = ""
+            if mode == "writes hang":
+                self.faults.hang_writes.update(hung)
+            else:
+                self.cluster.network.hung.update(hung)
+                query = "?r=1"
+            reply = self.after_timeout("PUT", kv(key) + query, b"v")
+            self.assertEqual(
+                reply.json(),
+                {
+                    "error": "replica_timeout",
+                    "message": (
+                        "only 1 of the 2 replicas needed acknowledged in time; "
+                        "the write may or may not have been applied"
+                    ),
+                    "acks": 1,
+                    "required": 2,
+                    "outcome": "unknown",
+                },
+                row,
+            )
+            self.assertEqual(reply.code, 504, row)
+            [acked] = set(home) - hung
+            self.assertEqual(record_holders(self.cluster, key), [acked], row)
+
+    def test_write_still_in_flight_makes_the_outcome_unknown(self) -> None:
+        """
+        Two home replicas refuse the write (they went down after the quorum
+        read) while the third is slow: W=2 is out of reach at once, but the
+        slow one may still apply it, so the answer is "unknown", never
+        "not_applied". It does apply it, and keeps hints for the other two.
+        (This once answered "not_applied", and the write became readable.)
+        """
+        for size in (3, 5):
+            self.use(size)
+            key = "k"
+            home = home_replicas(self.cluster, key)
+            self.faults.refuse_writes.update(home[:2])
+            self.faults.delay[home[2]] = 0.5
+            reply = self.now("PUT", kv(key), b"v")  # the quorum read needs only the fast two
+            self.assertEqual(
+                reply.json(),
+                {
+                    "error": "insufficient_replicas",
+                    "message": (
+                        "only 0 of the 2 replicas needed acknowledged; the write "
+                        "is on some replicas and may still become visible"
+                    ),
+                    "acks": 0,
+                    "required": 2,
+                    "outcome": "unknown",
+                },
+                size,
+            )
+            self.assertEqual((reply.code, record_holders(self.cluster, key)), (503, []), size)
+            self.cluster.clock.advance(0.5)  # the slow replica's write lands
+            settle(self.cluster)
+            self.assertEqual(record_holders(self.cluster, key), [home[2]], size)
+            self.cluster.clock.advance(0.5)  # hints sent to it (3 nodes) are slow too
+            settle(self.cluster)
+            hinted = sorted(t for ts in hints_for_key(self.cluster, key).values() for t in ts)
+            self.assertEqual(hinted, sorted(home[:2]), size)
+
+
+# -- read repair --------------------------------------------------------------
+
+
+class ReadRepairTests(ClusterCase):
+    def make_stale(self, how: str, key: str, node: str) -> None:
+        """Leave C{node} behind the other home replicas of C{key}."""
+        if how in ("missed write", "missed delete"):
+            self.down(node)
+            if how == "missed write":
+                self.assertEqual(self.now("PUT", kv(key), b"v2").code, 200)
+            else:
+                self.assertEqual(self.now("DELETE", kv(key)).code, 200)
+            for app in self.cluster.nodes.values():  # the hint is lost
+                for target, hinted in [
+                    (t, app.store.engine.hints(t)) for t in app.store.engine.hint_counts()
+                ]:
+                    for k, record in hinted:
+                        self.successResultOf(app.store.engine.remove_hint(target, k, record))
+            self.no_hints()
+            self.restart(node)
+            return
+        old = self.stored(node, key)
+        assert old is not None
+        self.assertEqual(self.now("PUT", kv(key), b"v2").code, 200)
+        # The node lost its newest data (a restore from an old backup, or a wipe).
+        fresh = MemoryEngine()
+        if how == "older record":
+            self.successResultOf(fresh.put(key, old))
+        self.cluster.nodes[node].store.engine = fresh
+
+    def test_read_repairs_a_stale_replica(self) -> None:
+        """
+        A read at R=2 returns the newest record even when a replica it asked
+        is stale, and then brings that replica up to date in the background.
+        """
+        hows = ("missed write", "older record", "missing record", "missed delete")
+        for how, position in itertools.product(hows, POSITIONS):
+            row = (how, position)
+            self.use(5)
+            key = "k"
+            home = home_replicas(self.cluster, key)
+            stale = home[position]
+            self.assertEqual(self.now("PUT", kv(key), b"v1").code, 201)
+            self.make_stale(how, key, stale)
+            fresh = [n for n in home if n != stale]
+            newest = self.stored(fresh[0], key)
+            assert newest is not None
+            self.assertFalse(same_data(newest, self.stored(stale, key)), row)
+
+            repairs = self.cluster.coordinator.repairs
+            got = self.now("GET", kv(key))
+            if how == "missed delete":
+                self.assertEqual(got.code, 404, row)
+            else:
+                self.assertEqual((got.code, got.body), (200, b"v2"), row)
+            settle(self.cluster)
+            self.assertEqual(self.cluster.coordinator.repairs, repairs + 1, row)
+            self.assertTrue(same_data(newest, self.stored(stale, key)), row)
+            # Repaired: even read alone, the replica answers the newest record.
+            self.cluster.network.down.update(fresh)
+            again = self.now("GET", kv(key) + "?r=1")
+            self.assertEqual(again.code, 404 if how == "missed delete" else 200, row)
+            self.assertEqual(again.body, b"v2" if how != "missed delete" else again.body, row)
+
+    def test_up_to_date_replicas_are_not_repaired(self) -> None:
+        self.use(5)
+        self.now("PUT", kv("k"), b"v")
+        sent = len(self.faults.writes())
+        for _ in range(3):
+            self.assertEqual(self.now("GET", kv("k")).body, b"v")
+        settle(self.cluster)
+        self.assertEqual((self.cluster.coordinator.repairs, len(self.faults.writes())), (0, sent))
+
+
+# -- what clients can rely on -------------------------------------------------
+
+
+@dataclass
+class Client:
+    """One client's requests, recorded in a shared history with logical times."""
+
+    case: ClusterCase
+    name: str
+    history: History
+    ticks: Iterator[int]
+
+    def put(self, key: str, value: str, query: str = "") -> Reply:
+        start = next(self.ticks)
+        reply = self.case.call("PUT", kv(key) + query, value.encode())
+        self.history.add(
+            Op(self.name, "put", key, value, quorum_status("put", reply), start, next(self.ticks))
+        )
+        return reply
+
+    def get(self, key: str, query: str = "") -> Reply:
+        start = next(self.ticks)
+        reply = self.case.call("GET", kv(key) + query)
+        value = reply.body.decode() if reply.code == 200 else None
+        self.history.add(
+            Op(self.name, "get", key, value, quorum_status("get", reply), start, next(self.ticks))
+        )
+        return reply
+
+
+class ConsistencyTests(ClusterCase):
+    def test_read_your_writes_with_one_replica_failed(self) -> None:
+        """
+        With R+W>N and any one home replica down or hung, before, while and
+        after it fails: no read returns a value never written, every read
+        after an acknowledged write returns it (or a later one), and the key
+        ends with the last acknowledged write.
+        """
+        levels = [
+            (3, "?r=2&w=2", "?r=2"),
+            (5, "?r=2&w=2", "?r=2"),
+            (5, "?r=1&w=3", "?r=1"),
+            (5, "?r=3&w=1", "?r=3"),
+        ]
+        for (size, wq, rq), kind, position in itertools.product(
+            levels, ("down", "hung"), POSITIONS
+        ):
+            row = (size, kind, position, wq)
+            self.use(size)
+            history = History()
+            client = Client(self, "c", history, itertools.count())
+            key = "k"
+            failed = home_replicas(self.cluster, key)[position]
+
+            self.assertEqual(client.get("never-written" + rq).code, 404, row)
+            self.assertEqual(client.put(key, "v1", wq).code, 201, row)
+            getattr(self.cluster.network, kind).add(failed)
+            for i in range(2, 5):
+                reply = client.put(key, f"v{i}", wq)
+                got = client.get(key, rq)
+                if reply.code == 200 and got.code == 200:
+                    self.assertEqual(got.body, f"v{i}".encode(), row)
+            self.restart(failed)
+            for i in range(5, 7):
+                client.get(key, rq)
+                client.put(key, f"v{i}", wq)
+            client.get(key, rq)
+            client.get("never-written", rq)
+
+            self.assertEqual(check_reads(history), [], row)
+            self.restart()
+            deliver_hints(self, self.cluster)
+            check_health(self, self.cluster)
+            final = client.get(key)
+            self.assertEqual(final.code, 200, row)
+            self.assertEqual(check_final(history, {key: final.body.decode()}), [], row)
+            acked = [op for op in history.ops if op.f == "put" and op.status == "ok"]
+            self.assertGreaterEqual(len(acked), 3 if wq != "?r=1&w=3" else 1, row)
+
+
+class ClockSkewTests(ClusterCase):
+    def test_last_acknowledged_write_wins_despite_skewed_proxies(self) -> None:
+        """
+        Two proxies over the same nodes, one clock 90 s fast and the other
+        90 s slow, take turns writing the same keys one after another: every
+        key ends with its last acknowledged write, read through either proxy
+        and on every home replica, although the winner's wall clock is often
+        earlier than the write it replaced (so wall-clock last-write-wins
+        would lose it).
+        """
+        cluster = self.use(5)
+        clock = cluster.clock
+
+        def skewed(ms: int) -> Any:
+            return lambda: int(clock.seconds() * 1000) + ms
+
+        cluster.coordinator.versions = VersionClock("proxy-a", skewed(90_000))
+        health_b = HealthMonitor(cluster.ring.nodes, cluster.replica_client.health, clock)
+        hints_b = HintKeeper(cluster.ring, cluster.replica_client, health_b)
+        coordinator_b = Coordinator(
+            cluster.ring,
+            cluster.replica_client,
+            health_b,
+            VersionClock("proxy-b", skewed(-90_000)),
+            hints_b,
+        )
+        stub_b = StubTreq(ProxyApp(coordinator_b, DEFAULT_MAX_VALUE_BYTES).app.resource())
+        proxy_b = HTTP(self, stub_b, "http://127.0.0.1:8090", flusher(cluster.node_http, stub_b))
+        proxies = [self.http, proxy_b]
+
+        last: dict[str, bytes] = {}
+        backwards = 0
+        for key, turn in itertools.product([f"key-{i}" for i in range(12)], range(6)):
+            proxy = proxies[(turn + len(key)) % 2]
+            value = f"{key}/{turn}".encode()
+            before = self.stored(home_replicas(cluster, key)[0], key)
+            clock.advance(0.01)
+            reply = proxy.put(kv(key), value)
+            self.assertIn(reply.code, (200, 201), (key, turn))
+            last[key] = value
+            version = version_of(reply)
+            if before is not None and version.clock_ms < before.version.clock_ms:
+                backwards += 1
+        self.assertGreater(backwards, 20)  # the skew was exercised
+
+        for key, value in last.items():
+            for proxy in proxies:
+                self.assertEqual(proxy.get(kv(key)).body, value, key)
+            home = home_replicas(cluster, key)
+            self.assertEqual(
+                [r.value if r else None for r in (self.stored(n, key) for n in home)],
+                [value] * 3,
+                key,
+            )
+
+
+class HintsWaitingTests(ClusterCase):
+    def test_replica_with_hints_waiting_never_answers_alone(self) -> None:
+        """
+        A home replica that missed writes (hints for it wait on other nodes,
+        as its health reports say) is read but, when R + W <= N, does not
+        count toward R: with R=1 it cannot answer alone with its stale
+        record. (With R + W > N it counts: any R replicas include one that
+        has the write.) Once the hints are delivered and health sees that, it
+        counts again.
+        """
+        for position in POSITIONS:
+            self.use(5)
+            key = "k"
+            home = home_replicas(self.cluster, key)
+            behind = home[position]
+            others = [n for n in home if n != behind]
+            self.assertEqual(self.now("PUT", kv(key), b"v0").code, 201)
+            self.down(behind)
+            self.assertEqual(self.now("PUT", kv(key), b"v1").code, 200)
+            self.restart(behind)
+            self.assertEqual(self.cluster.health.hints_waiting(behind), 1)
+
+            # R=2: it counts, but the other replica that answers outvotes it.
+            for node in others:
+                self.cluster.network.down.add(node)
+                got = self.now("GET", kv(key))
+                self.assertEqual((got.code, got.body), (200, b"v1"), (position, node))
+                self.cluster.network.down.clear()
+                check_health(self, self.cluster)
+            self.assertEqual(self.cluster.health.hints_waiting(behind), 1)
+
+            # The others are slow: the stale replica answers first, and is not enough.
+            for node in others:
+                self.faults.delay[node] = 0.5
+            d = self.http.start("GET", kv(key) + "?r=1")
+            self.http.pump(d)
+            self.assertNoResult(d)
+            self.cluster.clock.advance(0.5)
+            got = self.http.finish(d)
+            self.assertEqual((got.code, got.body), (200, b"v1"), position)
+            self.faults.delay.clear()
+
+            # The others are down: the stale replica alone is no quorum.
+            self.cluster.network.down.update(others)
+            got = self.now("GET", kv(key) + "?r=1")
+            self.assertEqual(got.error(), (503, "insufficient_replicas"), position)
+            self.assertEqual(got.json()["replied"], 0)
+            self.cluster.network.down.clear()
+
+            self.assertEqual(deliver_hints(self, self.cluster), 1)
+            check_health(self, self.cluster)
+            self.assertEqual(self.cluster.health.hints_waiting(behind), 0)
+            self.cluster.network.down.update(others)
+            got = self.now("GET", kv(key) + "?r=1")
+            self.assertEqual((got.code, got.body), (200, b"v1"), position)

@@ -1,0 +1,575 @@
+"""
+Tests for L{shardkv.replica.client}: calls to a node's replica routes.
+
+A caller decides what a failed replica call means from its class alone, so
+each kind of failure must come out as the right domain error: refused
+before sending (L{NodeUnreachable}, C{sent=False}), no answer in time
+(L{NodeTimeout}, C{sent=True}), the node's own error (L{ReplicaRefused}
+with the node's code) and nonsense (L{BadReplicaAnswer}). Then, with a
+real node, records too large for a batch travel alone; and with a whole
+in-memory cluster, a batching proxy answers exactly as an unbatched one.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from shardkv.core.records import Record
+from shardkv.core.versions import Version
+from shardkv.errors import (
+    BadReplicaAnswer,
+    NodeTimeout,
+    NodeUnreachable,
+    ReplicaCallFailed,
+    ReplicaRefused,
+)
+from shardkv.replica.client import ReplicaClient
+from shardkv.replica.codec import (
+    MAX_INLINE_VALUE,
+    GetOp,
+    Op,
+    Result,
+    decode_response,
+    encode_request,
+    encode_response,
+    fits,
+)
+from shardkv.storage.memory import MemoryEngine
+from shardkv.testing.memory import FaultyHTTP, MemoryCluster, make_node
+from tests.helpers import (
+    HTTP,
+    NODES_3,
+    NetworkFaults,
+    Reply,
+    answered,
+    cluster_http,
+    flusher,
+    hints_for_key,
+    memory_cluster,
+    same_data,
+    settle,
+)
+from tests.replica.helpers import NODE_ID, TIMEOUT, V1, V2
+
+# -- failures, as domain errors ---------------------------------------------------
+
+
+class Scripted(Resource):
+    """A node that answers every request with the status, headers and body it is given."""
+
+    isLeaf = True
+
+    def __init__(
+        self, status: int = 200, body: bytes = b"", headers: dict[bytes, bytes] | None = None
+    ) -> None:
+        super().__init__()
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+        self.seen: list[tuple[bytes, bytes]] = []
+
+    def render(self, request: Request) -> bytes:
+        self.seen.append((request.method, request.path))
+        request.setResponseCode(self.status)
+        for name, value in self.headers.items():
+            request.setHeader(name, value)
+        return self.body
+
+
+Call = Callable[[ReplicaClient], Deferred[Any]]
+
+CALLS: dict[str, Call] = {
+    "get": lambda c: c.replica_get(NODE_ID, "k"),
+    "put": lambda c: c.replica_put(NODE_ID, "k", Record(V1, b"v")),
+    "batch": lambda c: Deferred.fromCoroutine(c.send_batch(NODE_ID, [GetOp("k")])),
+    "pipelined get": lambda c: c.replica_get(NODE_ID, "k"),
+    "pipelined put": lambda c: c.replica_put(NODE_ID, "k", Record(V1, b"v"), "127.0.0.1:8085"),
+}
+"""Every way to call a node; the pipelined ones go through a NodePipeline and a batch."""
+
+
+def make_client(http: Any, clock: MemoryReactorClock, call: str) -> ReplicaClient:
+    return ReplicaClient(http, clock, TIMEOUT, pipeline_depth=1 if "pipelined" in call else 0)
+
+
+def outcome(d: Deferred[Any], *stubs: StubTreq) -> Any:
+    """What ``d`` fired with (a L{Failure} for an error), pumping ``stubs`` first."""
+    flusher(*stubs)(d)
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "the call did not finish"
+    return box[0]
+
+
+def error_of(d: Deferred[Any], *stubs: StubTreq) -> BaseException:
+    result = outcome(d, *stubs)
+    assert isinstance(result, Failure), f"expected a failure, got {result!r}"
+    error = result.value
+    assert error is not None
+    return error
+
+
+class Broken:
+    """An HTTP client whose every request fails with ``error`` (after it may have left)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def request(self, method: str, url: bytes, **kwargs: Any) -> Deferred[Any]:
+        return fail(self.error)
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_a_refused_connection_is_unreachable_and_not_sent(call: str) -> None:
+    """
+    A node that refuses the connection never saw the request: the call
+    fails with NodeUnreachable(sent=False), so a write is known not to
+    have been applied there.
+    """
+    network = FaultyHTTP(StubTreq(Scripted()))
+    network.down.add(NODE_ID)
+    error = error_of(CALLS[call](make_client(network, MemoryReactorClock(), call)))
+    assert isinstance(error, NodeUnreachable), error
+    assert (error.node, error.sent, error.code) == (NODE_ID, False, "node_unreachable")
+    assert f"{NODE_ID} is down" in error.reason
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_a_hung_node_times_out_as_maybe_sent(call: str) -> None:
+    """
+    A node that took the request and never answers fails the call with
+    NodeTimeout(sent=True) once the timeout passes, and not before: the
+    write may have been applied.
+    """
+    network = FaultyHTTP(StubTreq(Scripted()))
+    network.hung.add(NODE_ID)
+    clock = MemoryReactorClock()
+    d = CALLS[call](make_client(network, clock, call))
+    clock.advance(TIMEOUT - 0.01)
+    assert not answered(d)
+    clock.advance(0.02)
+    error = error_of(d)
+    assert isinstance(error, NodeTimeout), error
+    assert (error.node, error.sent, error.seconds) == (NODE_ID, True, TIMEOUT)
+    assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ResponseFailed([Failure(ConnectionLost())]),
+        ResponseNeverReceived([Failure(ConnectionLost())]),
+        ConnectionLost(),
+    ],
+    ids=["response failed", "response never received", "connection lost"],
+)
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_a_broken_connection_is_unreachable_and_maybe_sent(call: str, error: Exception) -> None:
+    """
+    A connection that breaks after the request went out fails the call at
+    once with NodeUnreachable(sent=True): unlike a refusal, the node may
+    have applied the write.
+    """
+    got = error_of(CALLS[call](make_client(Broken(error), MemoryReactorClock(), call)))
+    assert isinstance(got, NodeUnreachable), got
+    assert (got.node, got.sent) == (NODE_ID, True)
+
+
+def test_a_caller_cancelling_gets_a_bare_cancellation() -> None:
+    """
+    When the caller gives up (its client hung up) the call fails with a
+    plain CancelledError, which Klein drops silently, and not with a
+    NodeTimeout that would count against the node; no timer is left behind.
+    """
+    network = FaultyHTTP(StubTreq(Scripted()))
+    network.hung.add(NODE_ID)
+    clock = MemoryReactorClock()
+    for call in ("get", "put"):
+        d = CALLS[call](make_client(network, clock, call))
+        d.cancel()
+        assert type(error_of(d)) is CancelledError, call
+    assert clock.getDelayedCalls() == []
+
+
+NODE_ERROR = json.dumps({"error": "insufficient_storage", "message": "no space left"}).encode()
+
+
+@pytest.mark.parametrize("call", ["get", "put", "batch"])
+def test_a_node_error_is_refused_with_the_nodes_code(call: str) -> None:
+    """
+    A node that answers with a JSON error of its own (here a full disk) is
+    ReplicaRefused carrying the node's code and message, so the proxy can
+    tell "this node refused" from "this node is gone".
+    """
+    stub = StubTreq(Scripted(507, NODE_ERROR, {b"content-type": b"application/json"}))
+    error = error_of(CALLS[call](make_client(stub, MemoryReactorClock(), call)), stub)
+    assert isinstance(error, ReplicaRefused), error
+    assert (error.node, error.code, error.sent) == (NODE_ID, "insufficient_storage", False)
+    assert error.message == f"node {NODE_ID}: no space left"
+
+
+@pytest.mark.parametrize("call", ["pipelined get", "pipelined put"])
+def test_a_failed_op_in_a_batch_is_refused_with_its_own_code(call: str) -> None:
+    """One operation's error result in a good batch is ReplicaRefused with that result's code."""
+    body = encode_response([Result(503, error="storage_failed", message="fsync returned EIO")])
+    stub = StubTreq(Scripted(200, body))
+    error = error_of(CALLS[call](make_client(stub, MemoryReactorClock(), call)), stub)
+    assert isinstance(error, ReplicaRefused), error
+    assert (error.code, error.message) == ("storage_failed", f"node {NODE_ID}: fsync returned EIO")
+
+
+GOOD_VERSION = {b"x-shardkv-version": b"1-1-w"}
+
+BAD_ANSWERS: list[tuple[str, str, int, bytes, dict[bytes, bytes]]] = [
+    ("get", "an HTML error page", 502, b"<html>Bad Gateway</html>", {}),
+    ("get", "an error that is a list", 500, b'["error"]', {}),
+    ("get", "an error without a message", 500, b'{"error": "x"}', {}),
+    ("get", "a bad version", 200, b"v", {b"x-shardkv-version": b"yesterday"}),
+    ("get", "no version", 200, b"v", {}),
+    ("put", "an answer that is not JSON", 200, b"ok", {}),
+    ("put", "an answer without applied", 200, b'{"stored": true}', {}),
+    ("put", "an HTML error page", 503, b"<html>down</html>", {}),
+    ("batch", "an answer that is not a batch", 200, b"<html>hi</html>", {}),
+    ("batch", "too many results", 200, encode_response([Result(404), Result(404)]), {}),
+    ("batch", "an HTML error page", 502, b"<html>Bad Gateway</html>", {}),
+    ("pipelined get", "an answer that is not a batch", 200, b'{"results": 1}', {}),
+    ("pipelined put", "too few results", 200, encode_response([]), {}),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "body", "headers"),
+    [case[:1] + case[2:] for case in BAD_ANSWERS],
+    ids=[f"{call}: {name}" for call, name, *_ in BAD_ANSWERS],
+)
+def test_nonsense_is_a_bad_replica_answer(
+    call: str, status: int, body: bytes, headers: dict[bytes, bytes]
+) -> None:
+    """
+    An answer that does not follow the replica protocol (a load balancer's
+    HTML page, a bad version, a batch with the wrong number of results) is
+    BadReplicaAnswer, never a crash in a callback or a record made up from
+    half an answer.
+    """
+    stub = StubTreq(Scripted(status, body, headers))
+    error = error_of(CALLS[call](make_client(stub, MemoryReactorClock(), call)), stub)
+    assert isinstance(error, BadReplicaAnswer), error
+    assert (error.node, error.code) == (NODE_ID, "bad_gateway")
+    assert NODE_ID in error.message
+
+
+def test_a_good_answer_is_not_an_error() -> None:
+    """The same scripted node, answering properly, gives the record and the applied flag."""
+    get = StubTreq(Scripted(200, b"v", {**GOOD_VERSION, b"content-type": b"text/plain"}))
+    client = make_client(get, MemoryReactorClock(), "get")
+    expected = Record(Version(1, 1, "w"), b"v", "text/plain")
+    assert outcome(client.replica_get(NODE_ID, "k"), get) == expected
+    put = StubTreq(Scripted(200, b'{"applied": true}'))
+    client = make_client(put, MemoryReactorClock(), "put")
+    assert outcome(client.replica_put(NODE_ID, "k", Record(V1, b"v")), put) is True
+    missing = StubTreq(Scripted(404, b'{"error": "not_found", "message": "no record"}'))
+    client = make_client(missing, MemoryReactorClock(), "get")
+    assert outcome(client.replica_get(NODE_ID, "k"), missing) is None
+
+
+def test_an_unhealthy_node_is_unreachable() -> None:
+    """
+    A health check answered with an error status is NodeUnreachable with
+    the reason the node gave (or the status), so the proxy marks it down.
+    """
+    for status, body, reason in [
+        (503, b'{"reason": "disk full"}', "disk full"),
+        (500, b"<html>oops</html>", "health is HTTP 500"),
+    ]:
+        stub = StubTreq(Scripted(status, body))
+        client = make_client(stub, MemoryReactorClock(), "get")
+        error = error_of(Deferred.fromCoroutine(client.health(NODE_ID)), stub)
+        assert isinstance(error, NodeUnreachable), error
+        assert (error.reason, error.sent) == (reason, False)
+    stub = StubTreq(Scripted(200, b'{"status": "ok"}'))
+    client = make_client(stub, MemoryReactorClock(), "get")
+    assert outcome(Deferred.fromCoroutine(client.health(NODE_ID)), stub) == {"status": "ok"}
+
+
+def test_every_failure_is_a_replica_call_failure() -> None:
+    """Callers catch ReplicaCallFailed; every class the client raises must be one."""
+    for cls in (NodeUnreachable, NodeTimeout, ReplicaRefused, BadReplicaAnswer):
+        assert issubclass(cls, ReplicaCallFailed)
+
+
+# -- records too large for a batch, against a real node ----------------------------
+
+
+class OneNodeTests(SynchronousTestCase):
+    """A pipelining client in front of one real node on a memory engine."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.node = make_node(NODE_ID, self.clock)
+        engine = self.node.store.engine
+        assert isinstance(engine, MemoryEngine)
+        self.engine = engine
+        self.stub = StubTreq(self.node.app.resource())
+        self.http = HTTP(self, self.stub, "http://" + NODE_ID, flusher(self.stub))
+
+    def send(self, batch: list[Op]) -> list[Result]:
+        reply = self.http.post_raw("/replica/batch", encode_request(batch))
+        self.assertEqual(reply.code, 200, reply.body)
+        self.assertEqual(reply.header("content-type"), "application/json")
+        return decode_response(reply.body, len(batch))
+
+    def client(self) -> tuple[ReplicaClient, NetworkFaults]:
+        """A pipelining ReplicaClient for this node, and the log of what it sent."""
+        calls = NetworkFaults(self.stub, self.clock)
+        return ReplicaClient(calls, self.clock, TIMEOUT, pipeline_depth=1), calls
+
+    def wait(self, d: Deferred[Any]) -> Any:
+        flusher(self.stub)(d)
+        return self.successResultOf(d)
+
+    def test_a_large_record_is_fetched_on_its_own(self) -> None:
+        """
+        A record too large to answer inline comes back ``inline: false`` in
+        the batch, and ReplicaClient.replica_get then fetches it with a single
+        GET, so the caller still gets the whole record.
+        """
+        large = Record(V2, bytes(range(256)) * 300, "image/png")
+        self.assertFalse(fits(large))
+        self.engine.put("large", large)
+        (result,) = self.send([GetOp("large")])
+        self.assertEqual(result, Result(200, inline=False))
+
+        client, calls = self.client()
+        got = self.wait(client.replica_get(NODE_ID, "large"))
+        self.assertTrue(same_data(large, got))
+        self.assertEqual(
+            [(c.method, c.path) for c in calls.calls],
+            [("POST", "/replica/batch"), ("GET", "/replica/kv/large")],
+        )
+
+    def test_a_record_that_does_not_fit_is_put_on_its_own(self) -> None:
+        """
+        ReplicaClient.replica_put sends a record over the inline limit as a
+        single /replica/kv PUT (hint target included), and one at the limit
+        in a batch.
+        """
+        client, calls = self.client()
+        large = Record(V2, b"L" * (MAX_INLINE_VALUE + 1), "text/plain")
+        edge = Record(V2, b"E" * MAX_INLINE_VALUE, "text/plain")
+        self.assertTrue(self.wait(client.replica_put(NODE_ID, "large", large)))
+        self.assertTrue(self.wait(client.replica_put(NODE_ID, "hint", large, "127.0.0.1:8085")))
+        self.assertTrue(self.wait(client.replica_put(NODE_ID, "edge", edge)))
+        self.assertEqual(
+            [(c.method, c.path, c.hint_for) for c in calls.calls],
+            [
+                ("PUT", "/replica/kv/large", None),
+                ("PUT", "/replica/kv/hint", "127.0.0.1:8085"),
+                ("POST", "/replica/batch", None),
+            ],
+        )
+        self.assertTrue(same_data(large, self.engine.get("large")))
+        self.assertTrue(same_data(edge, self.engine.get("edge")))
+        self.assertEqual([k for k, _ in self.engine.hints("127.0.0.1:8085")], ["hint"])
+        self.assertEqual(client.pipeline_stats(NODE_ID)["write"]["ops"], 1)
+
+
+# -- batching through the proxy ------------------------------------------------------
+RTT = 0.01
+"""How long each node takes to answer in the batching tests (clock time)."""
+
+
+class ClusterBatchingTests(SynchronousTestCase):
+    """
+    A 3-node cluster (N=3, R=2, W=2) whose proxy batches. Nodes answer
+    after RTT of clock time, so requests started together overlap the way
+    they do under real load and their replica operations share batches.
+    """
+
+    cluster: MemoryCluster
+    http: HTTP
+    faults: NetworkFaults
+
+    def use(self, pipeline_depth: int = 1, slow: bool = True) -> None:
+        self.cluster = memory_cluster(NODES_3, TIMEOUT, pipeline_depth=pipeline_depth)
+        self.http = cluster_http(self, self.cluster)
+        self.faults = NetworkFaults(self.cluster.network.inner, self.cluster.clock)
+        self.cluster.network.inner = self.faults
+        if slow:
+            self.faults.delay.update(dict.fromkeys(NODES_3, RTT))
+
+    def run_all(self, requests: list[Deferred[Reply]]) -> list[Reply]:
+        """Move the clock an RTT at a time until every request is answered."""
+        for _ in range(100):
+            settle(self.cluster)
+            if all(answered(d) for d in requests):
+                break
+            self.cluster.clock.advance(RTT)
+        return [self.successResultOf(d) for d in requests]
+
+    def put(self, key: str, value: bytes, ctype: str = "text/plain") -> Deferred[Reply]:
+        return self.http.start("PUT", "/kv/" + key, value, {"Content-Type": ctype})
+
+    def get(self, key: str) -> Deferred[Reply]:
+        return self.http.start("GET", "/kv/" + key)
+
+    def assertBatched(self) -> None:
+        """Every pipeline is idle, sent fewer batches than ops, and only batches went out."""
+        total = 0
+        for node in NODES_3:
+            stats = self.cluster.replica_client.pipeline_stats(node)
+            self.assertEqual(sorted(stats), ["read", "write"])
+            for kind, s in stats.items():
+                self.assertEqual((s["in_flight"], s["queued"]), (0, 0), (node, kind))
+                self.assertLess(s["batches"], s["ops"], (node, kind, s))
+                total += s["batches"]
+        self.assertEqual(
+            {(c.method, c.path) for c in self.faults.calls}, {("POST", "/replica/batch")}
+        )
+        self.assertEqual(len(self.faults.calls), total)
+
+    def test_concurrent_requests_share_batches_and_answer_correctly(self) -> None:
+        """
+        Thirty writes started together, then reads, new writes and misses
+        mixed together, all answer exactly as they would unbatched, every
+        replica ends with the newest value, and the proxy sent far fewer
+        batches than replica operations.
+        """
+        self.use()
+        names = [f"key-{i}" for i in range(30)]
+        created = self.run_all([self.put(n, b"v1 " + n.encode()) for n in names])
+        self.assertEqual({r.code for r in created}, {201})
+
+        mixed: list[tuple[str, str, Deferred[Reply]]] = []
+        for i, name in enumerate(names):
+            if i % 3 == 0:
+                mixed.append(("put", name, self.put(name, b"v2 " + name.encode(), "text/x-v2")))
+            else:
+                mixed.append(("get", name, self.get(name)))
+            if i % 6 == 0:
+                mixed.append(("miss", f"missing-{i}", self.get(f"missing-{i}")))
+        replies = self.run_all([d for _, _, d in mixed])
+        for (kind, name, _), reply in zip(mixed, replies, strict=True):
+            if kind == "put":
+                self.assertEqual(reply.code, 200, reply.body)
+            elif kind == "miss":
+                self.assertEqual(reply.error(), (404, "not_found"))
+            else:
+                self.assertEqual((reply.code, reply.body), (200, b"v1 " + name.encode()))
+                self.assertEqual(reply.header("content-type"), "text/plain")
+        settle(self.cluster)
+
+        for i, name in enumerate(names):
+            value, ctype = (b"v2 ", "text/x-v2") if i % 3 == 0 else (b"v1 ", "text/plain")
+            for node in NODES_3:
+                record = self.cluster.nodes[node].store.engine.get(name)
+                assert record is not None, (node, name)
+                self.assertEqual(
+                    (record.value, record.content_type), (value + name.encode(), ctype)
+                )
+        self.assertBatched()
+
+    def test_depth_zero_makes_no_pipelines(self) -> None:
+        """With pipeline_depth=0 every replica operation is its own request, as before batching."""
+        self.use(pipeline_depth=0)
+        replies = self.run_all([self.put("a", b"1"), self.put("b", b"2")])
+        self.assertEqual({r.code for r in replies}, {201})
+        self.assertEqual(self.run_all([self.get("a")])[0].body, b"1")
+        self.assertEqual(self.cluster.replica_client.pipelines, {})
+        self.assertEqual(self.cluster.replica_client.pipeline_stats(NODES_3[0]), {})
+        self.assertTrue(self.faults.calls)
+        self.assertTrue(all(c.path.startswith("/replica/kv/") for c in self.faults.calls))
+
+    def test_a_hung_node_does_not_hold_up_batches_to_the_others(self) -> None:
+        """
+        With one replica hung, its batch never comes back and its ops queue,
+        but reads answer from the other two and writes reach W=2 without
+        the clock moving. Once the timeout passes the hung node's ops fail
+        with NodeTimeout, its queue drains, it is marked down, and the
+        writes it missed are kept as hints on the others.
+        """
+        self.use(slow=False)
+        hung = NODES_3[0]
+        live = NODES_3[1:]
+        self.cluster.network.hung.add(hung)
+        names = [f"h{i}" for i in range(10)]
+
+        writes = [self.put(n, n.encode()) for n in names]
+        for d in writes:
+            self.http.pump(d)
+        self.assertEqual([self.successResultOf(d).code for d in writes], [201] * 10)
+        reads = [self.get(n) for n in names]
+        for d in reads:
+            self.http.pump(d)
+        self.assertEqual([self.successResultOf(d).body for d in reads], [n.encode() for n in names])
+        for name in names:
+            self.assertIsNone(self.cluster.nodes[hung].store.engine.get(name))
+            for node in live:
+                self.assertIsNotNone(self.cluster.nodes[node].store.engine.get(name))
+
+        stats = self.cluster.replica_client.pipeline_stats(hung)
+        self.assertEqual(
+            {kind: s["in_flight"] for kind, s in stats.items()}, {"read": 1, "write": 1}
+        )
+        self.assertEqual(stats["read"]["queued"], 19)
+        self.assertEqual(stats["write"]["queued"], 9)
+
+        probe = self.cluster.replica_client.replica_get(hung, "h0")
+        self.assertNoResult(probe)
+        self.cluster.clock.advance(TIMEOUT + 0.01)
+        self.failureResultOf(probe, NodeTimeout)
+        self.cluster.clock.advance(TIMEOUT + 0.01)  # the batch that took the queue times out too
+        settle(self.cluster)
+        for kind, s in self.cluster.replica_client.pipeline_stats(hung).items():
+            self.assertEqual((s["in_flight"], s["queued"]), (0, 0), kind)
+        self.assertTrue(self.cluster.health.is_down(hung))
+        for name in names:
+            kept = hints_for_key(self.cluster, name)
+            self.assertEqual([t for targets in kept.values() for t in targets], [hung])
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_a_long_content_type_does_not_fail_its_batch(self) -> None:
+        """
+        The proxy takes any ASCII Content-Type a client sends. A write with a
+        long one (2000 characters) must not make the node refuse the batch it
+        travels in, failing the unrelated writes beside it; it should be
+        stored like any other.
+        """
+        self.use()
+        ctype = "application/x." + "a" * 2000
+        requests = [self.put(f"n{i}", b"v") for i in range(2)]
+        requests.append(self.put("long", b"x", ctype))
+        requests += [self.put(f"n{i}", b"v") for i in range(2, 5)]
+        replies = self.run_all(requests)
+        self.assertEqual([r.code for r in replies], [201] * 6, [r.body[:200] for r in replies])
+        got = self.run_all([self.get("long")])[0]
+        self.assertEqual((got.code, got.header("content-type")), (200, ctype))
+
+    def test_a_stored_long_content_type_reads_in_a_batch(self) -> None:
+        """
+        A record with a long content type written without batching (depth 0
+        is a supported setting) must stay readable once batching is on, and
+        must not fail the other reads that share its batch.
+        """
+        self.use(pipeline_depth=0)
+        ctype = "application/x." + "a" * 2000
+        self.assertEqual(self.run_all([self.put("long", b"x", ctype)])[0].code, 201)
+        self.assertEqual(self.run_all([self.put("short", b"y")])[0].code, 201)
+        self.cluster.replica_client.pipeline_depth = 1
+        replies = self.run_all([self.get("short"), self.get("long"), self.get("short")])
+        self.assertEqual([r.code for r in replies], [200] * 3, [r.body[:200] for r in replies])
+        self.assertEqual(replies[1].header("content-type"), ctype)
