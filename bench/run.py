@@ -57,7 +57,8 @@ from typing import Any
 from urllib.parse import quote
 
 from shardkv.client.blocking import BlockingClient, TransportError, shared
-from shardkv.testing.processes import TWISTD, Proc, ProcessError, ProcessSet
+from shardkv.testing.polling import ProcessError
+from shardkv.testing.processes import TWISTD, Proc, ProcessSet
 
 BENCH_DIR = Path(__file__).resolve().parent
 STARTUP_SECONDS = 30.0

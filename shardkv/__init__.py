@@ -3,7 +3,8 @@
 The package is layered so that imports only point down (see docs/architecture.md):
 
 - ``shardkv.errors``: the domain's errors; imports nothing of shardkv.
-- ``shardkv.core``: pure logic (placement, keys, versions, records, quorums, the write rule). No Twisted.
+- ``shardkv.core``: pure logic (placement, keys, versions, records, quorums, the write
+  rule). No Twisted.
 - ``shardkv.storage``: storage engines behind one interface.
 - ``shardkv.replica``: the proxy-to-node protocol, both ends.
 - ``shardkv.web``: the HTTP site, the data API routes, the error-to-status table.

@@ -1,9 +1,8 @@
 """The twistd plugin is discoverable and documents its subcommands.
 
 A broken plugin module does not fail loudly: twistd logs an error while it
-scans plugins and the ``shardkv`` command silently disappears (pitfall P6 in
-the shared notes). These tests catch that, in process and through the real
-``twistd`` script that users run.
+scans plugins and the ``shardkv`` command silently disappears. These tests
+catch that, in process and through the real ``twistd`` script that users run.
 """
 
 from __future__ import annotations

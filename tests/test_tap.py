@@ -327,7 +327,7 @@ def test_no_subcommand() -> None:
         parse("gateway")
 
 
-# -- the pidfile clash fix (pitfall P7) ----------------------------------------------
+# -- the pidfile clash fix -------------------------------------------------------
 
 
 def twistd_options(*argv: str) -> ServerOptions:

@@ -7,7 +7,7 @@ runs on a private reactor thread), so it works from plain pytest functions,
 trial's SynchronousTestCase and scripts. In a pytest-twisted test a blocking
 call stalls the global reactor; that is harmless when every server is its
 own process, otherwise wrap the call in ``deferToThread``. No pytest here:
-the tests' fixture glue (``process_set``) lives in tests/procs.py.
+the tests' fixture glue (``process_set``) lives in tests/system/procs.py.
 
 Typical use, with the tests' fixture helper that always cleans up::
 
@@ -18,7 +18,7 @@ Typical use, with the tests' fixture helper that always cleans up::
     def test_something(procs: ProcessSet, tmp_path: Path) -> None:
         node = procs.start_node(None, tmp_path / "n1")          # free port, waits healthy
         proxy = procs.start_proxy(None, [node])
-        assert request("GET", proxy.url + "/health").status == 200
+        assert request("GET", proxy.url + "/health").status == 200  # shardkv.client.blocking
         node.kill()                                            # SIGKILL, waits for exit
         node.restart()                                         # same argv, waits healthy
 
@@ -35,7 +35,6 @@ import atexit
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,148 +42,18 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
-from shardkv.client import blocking
-from shardkv.client.api import MaybeSent, NotSent, Reply
-
-__all__ = [
-    "HOST",
-    "STARTUP_DEADLINE",
-    "STOP_DEADLINE",
-    "TWISTD",
-    "MaybeSent",
-    "NotSent",
-    "Proc",
-    "ProcessError",
-    "ProcessSet",
-    "Reply",
-    "free_port",
-    "poll_until",
-    "request",
-    "twistd_args",
-    "wait_healthy",
-]
-
-T = TypeVar("T")
+from shardkv.client.api import Reply
+from shardkv.testing.polling import HOST, ProcessError, free_port, wait_healthy
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 """The venv's twistd: the same interpreter and installed plugins as the tests."""
 
-HOST = "127.0.0.1"
 STARTUP_DEADLINE = 15.0
 """Seconds a server gets to answer its health check (generous: CI boxes are slow)."""
 STOP_DEADLINE = 5.0
 """Seconds a server gets to exit after SIGTERM before it is killed."""
-POLL_INTERVAL = 0.05
 TAIL_LINES = 40
-
-
-class ProcessError(AssertionError):
-    """A process did not start, exited early, or a wait ran past its deadline."""
-
-
-# -- ports ---------------------------------------------------------------------
-
-_handed_out: set[int] = set()
-RESERVED_PORTS = frozenset(range(8080, 8084))
-"""``make run``'s cluster: never collide with one a developer has running."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now.
-
-    The port is released before it is returned, so another program could take
-    it first; L{ProcessSet} retries with a new port when a server it placed on
-    an automatic port fails with "Address already in use". The same port is
-    never handed out twice in one process, nor one of 8080-8083.
-    """
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((HOST, 0))
-            port = int(s.getsockname()[1])
-        if port not in _handed_out and port not in RESERVED_PORTS:
-            _handed_out.add(port)
-            return port
-    raise ProcessError("could not find a free port")
-
-
-# -- HTTP ----------------------------------------------------------------------
-
-
-def request(
-    method: str,
-    url: str,
-    body: bytes | str | None = None,
-    *,
-    json_body: object = None,
-    headers: Mapping[str, str] | None = None,
-    timeout: float = 5.0,
-) -> Reply:
-    """One request to a full URL on a fresh connection (L{shardkv.client.blocking.request}).
-
-    ``json_body`` is encoded and sent with ``Content-Type: application/json``.
-    No answer raises ``OSError`` (L{NotSent} or L{MaybeSent}).
-    """
-    return blocking.request(method, url, body, json=json_body, headers=headers, timeout=timeout)
-
-
-def poll_until(
-    check: Callable[[], T | None],
-    deadline: float,
-    what: str,
-    *,
-    interval: float = POLL_INTERVAL,
-    alive: Callable[[], None] | None = None,
-) -> T:
-    """Call ``check`` until it returns something truthy; return that.
-
-    ``deadline`` is in seconds from now. ``check`` may raise ``OSError`` (no
-    HTTP answer), ``ValueError`` (an unreadable one) or ``AssertionError``
-    while the condition does not hold yet; the last one is reported if the
-    deadline passes. ``alive`` is called before each attempt and may raise to
-    stop waiting early (a process that exited).
-    """
-    end = time.monotonic() + deadline
-    last: object = None
-    while True:
-        if alive is not None:
-            alive()
-        try:
-            result = check()
-        except (OSError, AssertionError, ValueError) as e:
-            last = e
-        else:
-            if result:
-                return result
-            last = result
-        if time.monotonic() >= end:
-            raise ProcessError(f"timed out after {deadline:g} s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
-
-
-def wait_healthy(
-    url: str,
-    deadline: float = STARTUP_DEADLINE,
-    *,
-    ready: Callable[[Reply], bool] | None = None,
-    proc: Proc | None = None,
-) -> Reply:
-    """Poll ``GET url`` until it answers 200 (and ``ready(reply)`` holds).
-
-    ``deadline`` is in seconds from now. With ``proc``, stop at once if that
-    process exits, with its log tail in the error.
-    """
-
-    def check() -> Reply | None:
-        reply = request("GET", url, timeout=min(2.0, deadline))
-        if reply.status == 200 and (ready is None or ready(reply)):
-            return reply
-        raise AssertionError(f"not ready: {reply}")
-
-    return poll_until(
-        check, deadline, f"{url} to be healthy", alive=proc.check_running if proc else None
-    )
 
 
 # -- processes -------------------------------------------------------------------
@@ -269,7 +138,7 @@ class Proc:
         self, deadline: float = STARTUP_DEADLINE, ready: Callable[[Reply], bool] | None = None
     ) -> Reply:
         """Poll ``<url>/health`` until it answers 200; fail early if the process exits."""
-        return wait_healthy(self.url + "/health", deadline, ready=ready, proc=self)
+        return wait_healthy(self.url + "/health", deadline, ready=ready, alive=self.check_running)
 
     def wait(self, deadline: float = STOP_DEADLINE) -> int:
         """Wait for the process to exit; its status (negative: killed by that signal)."""

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from shardkv.client.blocking import BlockingClient, MaybeSent, NotSent, ReactorThread, request
-from shardkv.testing.processes import HOST, Proc, ProcessSet, free_port, poll_until
-from tests.procs import process_set
+from shardkv.testing.polling import HOST, free_port, poll_until
+from shardkv.testing.processes import Proc, ProcessSet
+from tests.system.procs import process_set
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,7 @@
 """Fixtures for the storage tests.
 
-They use the real global reactor through pytest-twisted (shared notes,
-twisted-stack 2d); every engine is stopped in fixture teardown so no commit
-thread outlives its test.
+They use the real global reactor through pytest-twisted; every engine is
+stopped in fixture teardown so no commit thread outlives its test.
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ from urllib.parse import quote
 
 import pytest
 
-from shardkv.testing.processes import Proc, ProcessSet, Reply, free_port, poll_until
-from shardkv.testing.processes import request as send
-from tests.procs import process_set
+from shardkv.client.api import Reply
+from shardkv.client.blocking import request as send
+from shardkv.testing.polling import free_port, poll_until
+from shardkv.testing.processes import Proc, ProcessSet
+from tests.system.procs import process_set
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +63,7 @@ def is_json(reply: Reply) -> Any:
 
 def readme_flow(url: str) -> None:
     """The README's curl session, against a proxy or a node."""
-    reply = send("POST", url + "/set", json_body={"key": "name", "value": "alice"})
+    reply = send("POST", url + "/set", json={"key": "name", "value": "alice"})
     assert reply.status == 200, reply
     assert is_json(reply)["key"] == "name"
     reply = send("GET", url + "/get?key=name")
@@ -86,17 +88,15 @@ def readme_flow(url: str) -> None:
     assert is_json(reply)["error"] == "not_found"
 
     first = send("GET", url + "/get?key=name").json()["version"]
-    reply = send(
-        "POST", url + "/set", json_body={"key": "name", "value": "carol", "version": first}
-    )
+    reply = send("POST", url + "/set", json={"key": "name", "value": "carol", "version": first})
     assert reply.status == 200, reply  # still at that version: written
-    reply = send("POST", url + "/set", json_body={"key": "name", "value": "bob", "version": first})
+    reply = send("POST", url + "/set", json={"key": "name", "value": "bob", "version": first})
     assert reply.status == 412, reply  # no longer at that version: refused
     assert is_json(reply)["error"] == "precondition_failed"
     reply = send("GET", url + "/get?key=name")
     assert is_json(reply)["value"] == "carol"
     assert reply.headers["etag"] != etag
-    reply = send("POST", url + "/delete", json_body={"key": "name"})
+    reply = send("POST", url + "/delete", json={"key": "name"})
     assert reply.status == 200, reply
     reply = send("GET", url + "/get?key=name")
     assert reply.status == 404, reply

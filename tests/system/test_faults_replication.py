@@ -1,8 +1,8 @@
-"""Replication under faults, with real ``twistd`` processes (reliability plan §5 C1, C2, C8, D1).
+"""Replication under faults, with real ``twistd`` processes (C1, C2, C8, D1).
 
 Every test starts storage nodes (LMDB, each with its own data directory) and
 one or two proxies (N=3, R=2, W=2) on free ports of 127.0.0.1, drives them
-with the recording load generator of L{tests.workload}, injects one kind of
+with the recording load generator of L{tests.system.workload}, injects one kind of
 fault, quiesces, and then checks the recorded history against what every
 home replica holds, read directly with ``GET /replica/kv/{key}`` (homes come
 from the proxy's ring, checked against its /explain; see L{home_replicas}):
@@ -34,13 +34,14 @@ from urllib.parse import quote
 
 import pytest
 
+from shardkv.client.blocking import request as send
 from shardkv.core.placement import Ring
 from shardkv.core.versions import Version
 from shardkv.testing.history import Violation, check_convergence, check_final, check_reads, summary
-from shardkv.testing.processes import Proc, ProcessSet, poll_until
-from shardkv.testing.processes import request as send
-from tests.procs import process_set
-from tests.workload import Client, Recorder, Workload, WorkloadConfig, percentile
+from shardkv.testing.polling import poll_until
+from shardkv.testing.processes import Proc, ProcessSet
+from tests.system.procs import process_set
+from tests.system.workload import Client, Recorder, Workload, WorkloadConfig, percentile
 
 pytestmark = pytest.mark.slow
 

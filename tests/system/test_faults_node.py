@@ -1,4 +1,4 @@
-"""Single-node durability under faults, with real ``twistd`` nodes (reliability plan 5, B1-B4).
+"""Single-node durability under faults, with real ``twistd`` nodes (B1-B4).
 
 Each test runs one LMDB storage node (``twistd -n shardkv node``, default
 ``--durability always``) on a free port of 127.0.0.1 and injects one fault:
@@ -20,7 +20,7 @@ Each test runs one LMDB storage node (``twistd -n shardkv node``, default
   answering fast, and once the filler is removed writes succeed again within
   5 s, with no restart. LMDB's *map* full (the engine's ``max_map_size`` cap)
   has no node option, so it is tested at the engine level in
-  ``tests/test_storage.py`` (``test_map_at_cap_*``).
+  ``tests/storage/test_committer.py`` (``test_map_at_cap_*``).
 - ``test_unusable_data_directory_*``: a second node on a directory another
   node holds, a regular file, a directory under a regular file, a read-only
   file system, a directory that is not an LMDB database: the process exits
@@ -37,7 +37,6 @@ restart-to-healthy budget on a box known to be slower.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import random
@@ -54,18 +53,10 @@ from urllib.parse import quote
 
 import pytest
 
-from shardkv.testing.processes import (
-    HOST,
-    STARTUP_DEADLINE,
-    Proc,
-    ProcessError,
-    ProcessSet,
-    free_port,
-    poll_until,
-    request,
-    twistd_args,
-)
-from tests.procs import process_set
+from shardkv.client.blocking import BlockingClient, request
+from shardkv.testing.polling import ProcessError, free_port, poll_until
+from shardkv.testing.processes import STARTUP_DEADLINE, Proc, ProcessSet, twistd_args
+from tests.system.procs import process_set
 
 pytestmark = pytest.mark.slow
 
@@ -89,34 +80,16 @@ def procs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProcessSet
     yield from process_set(request, tmp_path)
 
 
-# -- a keep-alive client and a stream of unique writes ------------------------------
+# -- a stream of unique writes ------------------------------
 
 
-class Conn:
-    """One persistent HTTP/1.1 connection; reconnects after any error."""
-
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
-        self.port = int(url.rsplit(":", 1)[1])
-        self.timeout = timeout
-        self._conn: http.client.HTTPConnection | None = None
-
-    def send(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        """Status and body; raises ``OSError`` / ``HTTPException`` if the exchange broke."""
-        if self._conn is None:
-            self._conn = http.client.HTTPConnection(HOST, self.port, timeout=self.timeout)
-        headers = {"Content-Type": "text/plain"} if body is not None else {}
-        try:
-            self._conn.request(method, path, body=body, headers=headers)
-            response = self._conn.getresponse()
-            return response.status, response.read()
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+def send(
+    client: BlockingClient, method: str, path: str, body: bytes | None = None
+) -> tuple[int, bytes]:
+    """Status and body over the client's kept-alive connection; ``OSError`` if it broke."""
+    headers = {"Content-Type": "text/plain"} if body is not None else None
+    reply = client.request(method, path, body, headers=headers)
+    return reply.status, reply.body
 
 
 def kv(key: str) -> str:
@@ -185,7 +158,7 @@ class WriteStream:
         return [w for w in self.snapshot() if w.acked]
 
     def _run(self, index: int) -> None:
-        conn = Conn(self.url)
+        conn = BlockingClient(self.url)
         pad = b"." * self.value_size
         n = 0
         try:
@@ -195,8 +168,8 @@ class WriteStream:
                 n += 1
                 invoked = time.monotonic()
                 try:
-                    status, body = conn.send("PUT", kv(key), value)
-                except (OSError, http.client.HTTPException) as e:
+                    status, body = send(conn, "PUT", kv(key), value)
+                except OSError as e:
                     self._add(Write(key, value, invoked, time.monotonic(), None, repr(e).encode()))
                     # The node is down: back off a little instead of spinning.
                     self._stop.wait(0.01)
@@ -219,10 +192,10 @@ def read_back(url: str, writes: list[Write]) -> tuple[list[str], list[str]]:
     """
     lost: list[str] = []
     odd: list[str] = []
-    conn = Conn(url)
+    conn = BlockingClient(url)
     try:
         for w in writes:
-            status, body = conn.send("GET", kv(w.key))
+            status, body = send(conn, "GET", kv(w.key))
             if w.acked:
                 if status != 200 or body != w.value:
                     lost.append(f"{w.key}: acked {w.status}, now {status} {body[:80]!r}")
@@ -431,11 +404,11 @@ def test_failed_fsync_fail_stops_the_node(procs: ProcessSet, tmp_path: Path) -> 
 
     # The fault stays armed: reads go on, writes fail, nothing is committed.
     acked = [w for w in writes if w.acked]
-    with contextlib.closing(Conn(node.url)) as conn:
+    with contextlib.closing(BlockingClient(node.url)) as conn:
         for w in acked[-20:]:
-            assert conn.send("GET", kv(w.key)) == (200, w.value), "reads go on"
+            assert send(conn, "GET", kv(w.key)) == (200, w.value), "reads go on"
         for n in range(10):
-            status_n, body_n = conn.send("PUT", kv(f"more-{n}"), b"x")
+            status_n, body_n = send(conn, "PUT", kv(f"more-{n}"), b"x")
             assert status_n == 503 and json.loads(body_n)["error"] == "storage_failed"
     still = health(node.url)[1]["storage"]
     fiu_ctrl(prefix, node.pid, "disable name=posix/io/sync/*")
@@ -522,7 +495,7 @@ class Reader:
         self._thread.join(10.0)
 
     def _run(self) -> None:
-        conn = Conn(self.url)
+        conn = BlockingClient(self.url)
         rng = random.Random(SEED)
         try:
             while not self._stop.is_set():
@@ -533,8 +506,8 @@ class Reader:
                 w = rng.choice(acked)
                 t = time.monotonic()
                 try:
-                    status, body = conn.send("GET", kv(w.key))
-                except (OSError, http.client.HTTPException) as e:
+                    status, body = send(conn, "GET", kv(w.key))
+                except OSError as e:
                     self.failures.append(f"{w.key}: {e!r}")
                     continue
                 self.latencies.append(time.monotonic() - t)
