@@ -40,23 +40,12 @@ class Precondition:
             return f"If-Match wants {wanted} but the key has {found}"
         return None
 
-    def header_values(self) -> dict[bytes, bytes]:
-        """The headers that express this precondition, for forwarding."""
-        headers = {}
-        if self.match_any:
-            headers[b"If-Match"] = b"*"
-        elif self.if_match:
-            headers[b"If-Match"] = ", ".join(v.etag() for v in sorted(self.if_match)).encode()
-        if self.none_match_any:
-            headers[b"If-None-Match"] = b"*"
-        return headers
-
 
 def parse_etags(header: str) -> tuple[bool, frozenset[Version]]:
     """Parse an If-Match / If-None-Match value: (is ``*``, the listed versions).
 
     Raises L{VersionError} for a tag that is not one of ours, which the
-    routes answer with 400: a tag this system never issued cannot match.
+    routes refuse as invalid input: a tag this system never issued cannot match.
     """
     header = header.strip()
     if header == "*":

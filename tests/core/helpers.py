@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from shardkv.core.conditions import Precondition
 from shardkv.core.versions import Version
 from tests.helpers import U64, WRITER_ALPHABET
 
@@ -36,3 +37,15 @@ class Wall:
 
     def __call__(self) -> int:
         return self.ms
+
+
+def precondition_headers(pre: Precondition) -> dict[bytes, bytes]:
+    """The If-Match / If-None-Match headers a client sends to express ``pre``."""
+    headers = {}
+    if pre.match_any:
+        headers[b"If-Match"] = b"*"
+    elif pre.if_match:
+        headers[b"If-Match"] = ", ".join(v.etag() for v in sorted(pre.if_match)).encode()
+    if pre.none_match_any:
+        headers[b"If-None-Match"] = b"*"
+    return headers

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from shardkv.core.conditions import Precondition, parse_etags
 from shardkv.core.versions import Version, VersionError
-from tests.core.helpers import PROPERTY, V1, V2, versions
+from tests.core.helpers import PROPERTY, V1, V2, precondition_headers, versions
 
 _CURRENT = {"absent": None, "v1": V1, "v2": V2}
 _PRECONDITIONS = {
@@ -67,7 +67,7 @@ def test_precondition_failure(pre: str, current: str, failure: str | None) -> No
     ],
 )
 def test_precondition_header_values(pre: str, headers: dict[bytes, bytes]) -> None:
-    assert _PRECONDITIONS[pre].header_values() == headers
+    assert precondition_headers(_PRECONDITIONS[pre]) == headers
 
 
 @pytest.mark.parametrize(
@@ -100,8 +100,8 @@ def test_parse_etags_rejects(header: str) -> None:
 @PROPERTY
 @given(st.frozensets(versions, min_size=1, max_size=5))
 def test_forwarded_if_match_parses_back(tags: frozenset[Version]) -> None:
-    """What the proxy forwards as If-Match means the same to the node."""
-    header = Precondition(if_match=tags).header_values()[b"If-Match"]
+    """An If-Match listing several of our ETags parses back to those versions."""
+    header = precondition_headers(Precondition(if_match=tags))[b"If-Match"]
     assert parse_etags(header.decode("latin-1")) == (False, tags)
 
 

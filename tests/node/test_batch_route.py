@@ -11,22 +11,18 @@ memory engine that can be told to fail chosen keys.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
 
 from shardkv.core.records import CorruptRecord, Record
 from shardkv.core.versions import VersionClock
 from shardkv.errors import ReplicaRefused, StorageError, StorageFailed, StorageFull
 from shardkv.node.app import NodeApp
 from shardkv.node.store import NodeStore
-from shardkv.replica.client import ReplicaClient
 from shardkv.replica.codec import (
     MAX_INLINE_TOTAL,
     MAX_INLINE_VALUE,
@@ -36,14 +32,12 @@ from shardkv.replica.codec import (
     Op,
     PutOp,
     Result,
-    decode_response,
-    encode_request,
 )
 from shardkv.storage.memory import MemoryEngine
 from shardkv.web.dataroutes import DEFAULT_MAX_VALUE_BYTES, body_limit_for
 from shardkv.web.site import make_site
-from tests.helpers import HTTP, NetworkFaults, flusher, same_data
-from tests.replica.helpers import GOOD_RECORD, NODE_ID, TIMEOUT, V1, V2, json_bytes, ops_body
+from tests.helpers import HTTP, flusher, same_data
+from tests.replica.helpers import GOOD_RECORD, NODE_ID, V1, V2, OneNodeCase, json_bytes, ops_body
 
 
 class FaultyEngine(MemoryEngine):
@@ -69,14 +63,12 @@ class FaultyEngine(MemoryEngine):
         return super().put(key, record)
 
 
-class NodeBatchTests(SynchronousTestCase):
+class NodeBatchTests(OneNodeCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.clock.advance(5.0)
         self.engine = FaultyEngine()
-        self.node = self.make_node(DEFAULT_MAX_VALUE_BYTES)
-        self.stub = StubTreq(self.node.app.resource())
-        self.http = HTTP(self, self.stub, "http://" + NODE_ID, flusher(self.stub))
+        self.serve(self.make_node(DEFAULT_MAX_VALUE_BYTES))
 
     def make_node(self, max_value_bytes: int) -> NodeApp:
         def now_ms() -> int:
@@ -84,21 +76,6 @@ class NodeBatchTests(SynchronousTestCase):
 
         versions = VersionClock(NODE_ID, now_ms)
         return NodeApp(NodeStore(NODE_ID, self.engine, versions, max_value_bytes, now_ms))
-
-    def send(self, batch: Sequence[Op], http: HTTP | None = None) -> list[Result]:
-        reply = (http or self.http).post_raw("/replica/batch", encode_request(batch))
-        self.assertEqual(reply.code, 200, reply.body)
-        self.assertEqual(reply.header("content-type"), "application/json")
-        return decode_response(reply.body, len(batch))
-
-    def client(self) -> tuple[ReplicaClient, NetworkFaults]:
-        """A pipelining ReplicaClient for this node, and the log of what it sent."""
-        calls = NetworkFaults(self.stub, self.clock)
-        return ReplicaClient(calls, self.clock, TIMEOUT, pipeline_depth=1), calls
-
-    def wait(self, d: Deferred[Any]) -> Any:
-        flusher(self.stub)(d)
-        return self.successResultOf(d)
 
     def test_mixed_batch_gives_one_result_per_op(self) -> None:
         """

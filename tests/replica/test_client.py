@@ -41,10 +41,7 @@ from shardkv.replica.client import ReplicaClient
 from shardkv.replica.codec import (
     MAX_INLINE_VALUE,
     GetOp,
-    Op,
     Result,
-    decode_response,
-    encode_request,
     encode_response,
     fits,
 )
@@ -63,7 +60,7 @@ from tests.helpers import (
     same_data,
     settle,
 )
-from tests.replica.helpers import NODE_ID, TIMEOUT, V1, V2
+from tests.replica.helpers import NODE_ID, TIMEOUT, V1, V2, OneNodeCase
 
 # -- failures, as domain errors ---------------------------------------------------
 
@@ -314,32 +311,15 @@ def test_every_failure_is_a_replica_call_failure() -> None:
 # -- records too large for a batch, against a real node ----------------------------
 
 
-class OneNodeTests(SynchronousTestCase):
+class OneNodeTests(OneNodeCase):
     """A pipelining client in front of one real node on a memory engine."""
 
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
-        self.node = make_node(NODE_ID, self.clock)
+        self.serve(make_node(NODE_ID, self.clock))
         engine = self.node.store.engine
         assert isinstance(engine, MemoryEngine)
         self.engine = engine
-        self.stub = StubTreq(self.node.app.resource())
-        self.http = HTTP(self, self.stub, "http://" + NODE_ID, flusher(self.stub))
-
-    def send(self, batch: list[Op]) -> list[Result]:
-        reply = self.http.post_raw("/replica/batch", encode_request(batch))
-        self.assertEqual(reply.code, 200, reply.body)
-        self.assertEqual(reply.header("content-type"), "application/json")
-        return decode_response(reply.body, len(batch))
-
-    def client(self) -> tuple[ReplicaClient, NetworkFaults]:
-        """A pipelining ReplicaClient for this node, and the log of what it sent."""
-        calls = NetworkFaults(self.stub, self.clock)
-        return ReplicaClient(calls, self.clock, TIMEOUT, pipeline_depth=1), calls
-
-    def wait(self, d: Deferred[Any]) -> Any:
-        flusher(self.stub)(d)
-        return self.successResultOf(d)
 
     def test_a_large_record_is_fetched_on_its_own(self) -> None:
         """

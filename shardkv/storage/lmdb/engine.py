@@ -14,7 +14,7 @@ mode promises. Keys of any length the API accepts are stored; see
 L{shardkv.storage.lmdb.layout} for how, and for the scan order that follows.
 
 Full and failed storage: the map grows by doubling up to ``max_map_size``;
-at the cap, or on ENOSPC, writes fail with L{StorageFull} (HTTP 507) while
+at the cap, or on ENOSPC, writes fail with L{StorageFull} while
 reads go on, and writes succeed again as soon as there is room, without a
 restart (``health()`` says ``writable=False`` meanwhile, but every write is
 still tried). LMDB reports a write cut short by a full disk as EIO, so an EIO
