@@ -1,4 +1,5 @@
-"""Background work that repeats: health checks, hint delivery, tombstone collection."""
+"""Background work: repeating (health checks, hint delivery, tombstone collection), and
+long work cut into steps."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -45,3 +47,9 @@ def periodic(interval: float, work: Callable[[], Any], clock: IReactorTime) -> T
     service = TimerService(interval, run)
     service.clock = clock
     return service
+
+
+def cooperator_on(clock: IReactorTime) -> Cooperator:
+    """A Cooperator whose steps run on ``clock`` rather than the global reactor,
+    so that long work cut into steps runs on the reactor a service was given."""
+    return Cooperator(scheduler=lambda step: clock.callLater(0, step))

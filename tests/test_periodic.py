@@ -9,11 +9,13 @@ must actually be run, not just created and dropped.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from shardkv.periodic import periodic
+from shardkv.periodic import cooperator_on, periodic
 
 INTERVAL = 10.0
 
@@ -135,3 +137,19 @@ class FailureTests(SynchronousTestCase):
             self.assertEqual(len(runs), 3, work.__name__)
             self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
             self.successResultOf(service.stopService())
+
+
+def test_cooperator_on_runs_steps_on_the_given_clock() -> None:
+    clock = Clock()
+    steps: list[float] = []
+
+    def work() -> Iterator[None]:
+        for _ in range(3):
+            steps.append(clock.seconds())
+            yield None
+
+    done = cooperator_on(clock).cooperate(work()).whenDone()
+    assert steps == []
+    for _ in range(5):
+        clock.advance(1)
+    assert steps and done.called

@@ -18,6 +18,7 @@ from shardkv.node.app import NodeApp
 from shardkv.node.handoff import HintHandoff
 from shardkv.node.store import NodeStore
 from shardkv.node.tombstones import DEFAULT_GRACE_SECONDS, TombstoneCollector
+from shardkv.periodic import cooperator_on
 from shardkv.replica.client import ReplicaClient
 from shardkv.storage.engine import StorageEngine
 from shardkv.web.dataroutes import body_limit_for
@@ -82,7 +83,9 @@ def make_node_service(
     client.setServiceParent(service)
     handoff = HintHandoff(engine, ReplicaClient(client, reactor, peer_timeout, pipeline_depth=1))
     handoff.service(handoff_interval, reactor).setServiceParent(service)
-    collector = TombstoneCollector(engine, now_ms, tombstone_grace)
+    collector = TombstoneCollector(
+        engine, now_ms, tombstone_grace, cooperator=cooperator_on(reactor)
+    )
     collector.service(min(tombstone_grace, 3600.0), reactor).setServiceParent(service)
     for description in listen:
         endpoint = serverFromString(reactor, description)

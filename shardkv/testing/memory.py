@@ -110,6 +110,8 @@ class MemoryCluster:
         self.network = FaultyHTTP(self.node_http)
         self.replica_client = ReplicaClient(self.network, self.clock, timeout, pipeline_depth)
         self.ring = ring if ring is not None else Ring(list(self.nodes))
+        if set(self.ring.nodes) != set(self.nodes):
+            raise ValueError(f"the ring places {sorted(self.ring.nodes)}, not {sorted(self.nodes)}")
         self.health = HealthMonitor(self.ring.nodes, self.replica_client.health, self.clock)
         versions = VersionClock(PROXY_WRITER, lambda: int(self.clock.seconds() * 1000))
         self.hints = HintKeeper(self.ring, self.replica_client, self.health)

@@ -4,7 +4,7 @@ The node treats engines as interchangeable, so these tests run against the
 in-memory reference and against LMDB in each durability mode. What only a disk
 has (persistence, corruption, group commit, a full map or disk, a failing
 fsync, a data directory that is locked or unusable) is tested in the modules
-for the LMDB engine's parts.
+for the LMDB engine's parts, under tests/storage/lmdb/.
 """
 
 from __future__ import annotations

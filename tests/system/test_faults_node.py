@@ -20,7 +20,7 @@ Each test runs one LMDB storage node (``twistd -n shardkv node``, default
   answering fast, and once the filler is removed writes succeed again within
   5 s, with no restart. LMDB's *map* full (the engine's ``max_map_size`` cap)
   has no node option, so it is tested at the engine level in
-  ``tests/storage/test_committer.py`` (``test_map_at_cap_*``).
+  ``tests/storage/lmdb/test_committer.py`` (``test_map_at_cap_*``).
 - ``test_unusable_data_directory_*``: a second node on a directory another
   node holds, a regular file, a directory under a regular file, a read-only
   file system, a directory that is not an LMDB database: the process exits

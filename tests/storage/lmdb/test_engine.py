@@ -1,7 +1,8 @@
 """The LMDB engine: reads inline, writes through the committer, hints, health.
 
-What every engine must do is in test_engine; the committer's failure paths are
-in test_committer and the data directory's in test_datadir.
+What every engine must do is in tests/storage/test_engine.py; the committer's
+failure paths are in test_committer and the data directory's in test_datadir,
+beside this module.
 """
 
 from __future__ import annotations
