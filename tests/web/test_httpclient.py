@@ -140,15 +140,7 @@ class HTTPClientServiceTests(SynchronousTestCase):
         time, then the pool closes it: before twisted.web's 60 s server
         timeout would close it under a request the client just sent.
         """
-        service = self.started(idle_timeout=12.5)
-        d = service.request("GET", NODE + b"/a")
-        (connection,) = connect_all(self.reactor)
-        connection.answer()
-        self.successResultOf(d)
-        self.reactor.advance(12.4)
-        assert not connection.transport.disconnecting
-        self.reactor.advance(0.2)
-        assert connection.transport.disconnecting
+        self.assert_idle_close(self.started(idle_timeout=12.5), 12.5)
 
     def test_default_idle_timeout_is_below_the_server_timeout(self) -> None:
         """
@@ -157,11 +149,15 @@ class HTTPClientServiceTests(SynchronousTestCase):
         """
         service = HTTPClientService(self.reactor)
         service.startService()
+        self.assert_idle_close(service, 30.0)
+
+    def assert_idle_close(self, service: HTTPClientService, seconds: float) -> None:
+        """One answered request leaves a kept connection that closes after ``seconds`` idle."""
         d = service.request("GET", NODE + b"/a")
         (connection,) = connect_all(self.reactor)
         connection.answer()
         self.successResultOf(d)
-        self.reactor.advance(29.9)
+        self.reactor.advance(seconds - 0.1)
         assert not connection.transport.disconnecting
         self.reactor.advance(0.2)
         assert connection.transport.disconnecting
