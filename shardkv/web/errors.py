@@ -69,7 +69,10 @@ def status_for(error: ShardkvError) -> int:
 
 
 def error_body(error: ShardkvError) -> dict[str, Any]:
-    return {**error.details, "error": error.code, "message": error.message}
+    """The JSON body: code and message first, then the details, which can never replace them."""
+    body: dict[str, Any] = {"error": error.code, "message": error.message}
+    body.update((k, v) for k, v in error.details.items() if k not in body)
+    return body
 
 
 def json_body(request: IRequest, status: int, payload: object) -> bytes:
