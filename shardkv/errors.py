@@ -64,6 +64,21 @@ class PreconditionFailed(ShardkvError):
     code = "precondition_failed"
 
 
+# -- access ----------------------------------------------------------------------
+
+
+class Unauthorized(ShardkvError):
+    """The request carried no usable credentials (no token, or not a bearer token)."""
+
+    code = "unauthorized"
+
+
+class Forbidden(ShardkvError):
+    """The credentials were wrong, or the caller may not use this route at all."""
+
+    code = "forbidden"
+
+
 # -- quorums -------------------------------------------------------------------
 
 
@@ -78,6 +93,14 @@ class QuorumTimeout(QuorumUnavailable):
     """The quorum was still possible but replicas did not answer in time."""
 
     code = "replica_timeout"
+
+
+class Overloaded(QuorumUnavailable):
+    """Too few replicas had room for the request (each was busy, not down), so
+    nothing was sent anywhere; a retry after ``retry_after`` seconds may succeed."""
+
+    code = "overloaded"
+    retry_after = 1
 
 
 # -- calls to a node -------------------------------------------------------------
@@ -122,10 +145,8 @@ class NodeBusy(ReplicaCallFailed):
 
     code = "node_busy"
 
-    def __init__(self, node: str, queued: int) -> None:
-        super().__init__(
-            node, f"node {node} already has {queued} operations queued; try again later"
-        )
+    def __init__(self, node: str, queued: int, what: str = "operations queued") -> None:
+        super().__init__(node, f"node {node} already has {queued} {what}; try again later")
         self.queued = queued
 
 

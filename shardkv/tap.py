@@ -12,15 +12,27 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
 from twisted.python import usage
 
+from shardkv.core.versions import VersionClock, VersionError
 from shardkv.node.service import make_node_service
 from shardkv.proxy.service import DEFAULT_PIPELINE_DEPTH, make_proxy_service
+from shardkv.replica.client import DEFAULT_NODE_INFLIGHT_BYTES
 from shardkv.storage.durability import check_durability
 from shardkv.storage.engine import StorageEngine
 from shardkv.storage.memory import MemoryEngine
+from shardkv.web.auth import TokenFileError, load_token, loopback_endpoint
 from shardkv.web.dataroutes import DEFAULT_MAX_VALUE_BYTES
+from shardkv.web.httpclient import load_ca_certificates
+from shardkv.web.listening import address_name, echo_needed
+from shardkv.web.site import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    NODE_MAX_INFLIGHT_BYTES,
+    PROXY_MAX_INFLIGHT_BYTES,
+)
 
 DEFAULT_PROXY_PORT = 8080
 DEFAULT_NODE_PORTS = (8081, 8082, 8083)
@@ -33,16 +45,34 @@ def _loopback(port: int) -> str:
     return f"tcp:{port}:interface=127.0.0.1"
 
 
+def _node_item(item: str) -> tuple[str, str, str]:
+    """``[http[s]://]host:port[=weight]`` into the node id ``host:port``, its base URL
+    and the weight as written. The id has no scheme, so placement, hints and
+    versions stay the same when a cluster moves to TLS.
+    """
+    address, _, weight = item.partition("=")
+    scheme, sep, address = address.rpartition("://")
+    scheme = scheme.lower() if sep else "http"
+    host, _, port = address.rpartition(":")
+    if scheme not in ("http", "https") or not host or "/" in host or not port.isdigit():
+        raise usage.UsageError(f"--nodes: {item!r} is not [http[s]://]host:port[=weight]")
+    return address, f"{scheme}://{address}", weight
+
+
+def _node_items(text: str) -> list[str]:
+    return [item for item in (part.strip() for part in text.split(",")) if item]
+
+
+def parse_node_urls(text: str) -> dict[str, str]:
+    """``--nodes`` (already checked by L{parse_nodes}) into each node's base URL."""
+    return {node: url for node, url, _ in map(_node_item, _node_items(text))}
+
+
 def parse_nodes(text: str) -> dict[str, float]:
-    """``host:port[=weight],...`` into an ordered mapping of node to weight."""
+    """``[http[s]://]host:port[=weight],...`` into an ordered mapping of node id to weight."""
     nodes: dict[str, float] = {}
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        address, _, weight = item.partition("=")
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise usage.UsageError(f"--nodes: {item!r} is not host:port[=weight]")
+    for item in _node_items(text):
+        address, _, weight = _node_item(item)
         try:
             value = float(weight) if weight else 1.0
         except ValueError:
@@ -80,6 +110,39 @@ class _ServerOptions(usage.Options):
     optFlags = [
         ["access-log", None, "Log every request (costs about 20 % of throughput)."],
     ]
+    optParameters: list[list[Any]] = [
+        [
+            "token-file",
+            None,
+            None,
+            "File holding the cluster token, the same on every node and proxy; without it "
+            "the process listens on loopback only and serves node routes to loopback peers only.",
+        ],
+        [
+            "header-timeout",
+            None,
+            DEFAULT_HEADER_TIMEOUT,
+            "Seconds a request's headers may take to arrive (from the connection's start for "
+            "its first request); then 408 and close.",
+            _positive(float, "--header-timeout"),
+        ],
+        [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Live client connections per server; past it new ones are closed at once.",
+            _positive(int, "--max-connections"),
+        ],
+        [
+            "max-inflight-bytes",
+            None,
+            None,
+            f"Request-body bytes held at once; past it 503 overloaded (default "
+            f"{PROXY_MAX_INFLIGHT_BYTES >> 20} MiB on a proxy, "
+            f"{NODE_MAX_INFLIGHT_BYTES >> 20} MiB on a node)",
+            _positive(int, "--max-inflight-bytes"),
+        ],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -101,6 +164,82 @@ class _ServerOptions(usage.Options):
         self._port_given = self["port"] is not None
         if self["port"] is None:
             self["port"] = self.default_port
+        self.address = self._address()
+        self._load_tokens()
+        if self.get("ca-file") is not None:
+            try:
+                load_ca_certificates(self["ca-file"])
+            except ValueError as e:
+                raise usage.UsageError(f"--ca-file: {e}") from None
+
+    def _address(self) -> tuple[str, int] | None:
+        """``(host, port)`` this process is named after: 127.0.0.1 and --port, or, with
+        --listen and no --port, the first endpoint's interface and port (the host name
+        when it listens on every interface), whose port then also names the default data
+        directory and pidfile. None when that endpoint has no port (a unix socket).
+        """
+        if not self["listen"] or self._port_given:
+            return "127.0.0.1", self["port"]
+        try:
+            address = address_name(self["listen"][0])
+        except ValueError as e:
+            raise usage.UsageError(f"--listen: {e}") from None
+        if address is not None:
+            self["port"] = address[1]
+        return address
+
+    def _checked_id(self, option: str, name: str | None, writer: str = "{}") -> str:
+        """``name``, or ``host:port`` of L{_address}; refused unless versions can carry it."""
+        if name is None:
+            if self.address is None:
+                raise usage.UsageError(
+                    f"--listen {self['listen'][0]} has no port to name this process after; "
+                    f"give {option}"
+                )
+            name = "{}:{}".format(*self.address)
+        try:
+            VersionClock(writer.format(name), lambda: 0)
+        except VersionError:
+            raise usage.UsageError(
+                f"{option}: {name!r} is not a usable id (letters, digits, '.', '_', ':', '-'; "
+                "at most 120 characters); give one"
+            ) from None
+        return name
+
+    def echo_errors(self) -> bool:
+        """Whether a refusal to start is printed besides being logged (see L{echo_needed})."""
+        return echo_needed(getattr(getattr(self, "parent", None), "parent", None))
+
+    def _load_tokens(self) -> None:
+        """Read the token files now, and refuse a public listener without a cluster token."""
+        for option, key in (("token-file", "token"), ("client-token-file", "client-token")):
+            path = self.get(option)
+            try:
+                self[key] = None if path is None else load_token(path, f"--{option}")
+            except TokenFileError as e:
+                raise usage.UsageError(str(e)) from None
+        if self["token"] is not None:
+            return
+        for endpoint in self.endpoints():
+            if not loopback_endpoint(endpoint):
+                raise usage.UsageError(
+                    f"--listen {endpoint} may accept connections from other machines and no "
+                    "--token-file is set (protected mode); give every node and proxy "
+                    "--token-file FILE with one shared secret, or listen on "
+                    "tcp:PORT:interface=127.0.0.1"
+                )
+
+
+class _ClientTokenOption(usage.Options):
+    optParameters: list[list[Any]] = [
+        [
+            "client-token-file",
+            None,
+            None,
+            "File holding a token that clients must send (Authorization: Bearer) to use the "
+            "data API, /cluster and /explain (default: the data API is open).",
+        ],
+    ]
 
 
 class NodeOptions(_ServerOptions):
@@ -112,7 +251,16 @@ class NodeOptions(_ServerOptions):
     default_port = DEFAULT_NODE_PORTS[0]
     optParameters = [
         ["port", "p", None, "TCP port on 127.0.0.1 (default 8081); --listen for others.", int],
-        ["node-id", None, None, "Name of this node in versions (default 127.0.0.1:PORT)."],
+        [
+            "node-id",
+            None,
+            None,
+            "Name of this node in versions and errors; keep it stable across restarts and "
+            "unique in the cluster. Default 127.0.0.1:PORT with --port; with --listen alone, "
+            "the first endpoint's interface and port (tcp:9001:interface=10.0.0.5 gives "
+            "10.0.0.5:9001, tcp:9001 on every interface gives HOSTNAME:9001: give --node-id "
+            "if the host name changes); required for an endpoint without a port.",
+        ],
         ["storage", None, "lmdb", "Storage engine: lmdb (durable) or memory (lost on restart)."],
         ["data-dir", None, None, "Where lmdb keeps data (default ./shardkv-data/node-PORT)."],
         [
@@ -130,6 +278,13 @@ class NodeOptions(_ServerOptions):
             _positive(int, "--max-value-bytes"),
         ],
         ["clock-offset-ms", None, 0, "Skew this node's wall clock (for testing).", int],
+        [
+            "ca-file",
+            None,
+            None,
+            "PEM file of the CAs that peers' certificates must chain to; with it, this node "
+            "hands hints to its peers over https (a cluster is all TLS or not).",
+        ],
     ]
 
     def _check_storage(self) -> None:
@@ -143,13 +298,13 @@ class NodeOptions(_ServerOptions):
     def postOptions(self) -> None:
         super().postOptions()
         self._check_storage()
-        if self["node-id"] is None:
-            self["node-id"] = f"127.0.0.1:{self['port']}"
+        self["node-id"] = self._checked_id("--node-id", self["node-id"])
         if self["data-dir"] is None:
-            self["data-dir"] = os.path.join(DEFAULT_DATA_ROOT, f"node-{self['port']}")
+            name = self["port"] if self.address else self["node-id"].replace(":", "-")
+            self["data-dir"] = os.path.join(DEFAULT_DATA_ROOT, f"node-{name}")
 
 
-class ProxyOptions(_ServerOptions):
+class ProxyOptions(_ClientTokenOption, _ServerOptions):
     synopsis = "[options]"
     longdesc = (
         "Run the routing proxy. It places each key on a node by consistent hashing and "
@@ -162,7 +317,7 @@ class ProxyOptions(_ServerOptions):
             "nodes",
             None,
             ",".join(f"127.0.0.1:{p}" for p in DEFAULT_NODE_PORTS),
-            "Comma-separated nodes, host:port[=weight].",
+            "Comma-separated nodes, [http[s]://]host:port[=weight]; http when no scheme.",
         ],
         [
             "vnodes",
@@ -193,6 +348,13 @@ class ProxyOptions(_ServerOptions):
             _positive(int, "--pipeline-depth", allow_zero=True),
         ],
         [
+            "node-inflight-bytes",
+            None,
+            DEFAULT_NODE_INFLIGHT_BYTES,
+            "Record bytes in flight to each node; past it writes answer 503 overloaded.",
+            _positive(int, "--node-inflight-bytes"),
+        ],
+        [
             "health-interval",
             None,
             1.0,
@@ -215,20 +377,38 @@ class ProxyOptions(_ServerOptions):
         ],
         ["r", None, 2, "Default read quorum R (a request may set ?r=).", _positive(int, "--r")],
         ["w", None, 2, "Default write quorum W (a request may set ?w=).", _positive(int, "--w")],
-        ["proxy-id", None, None, "Name of this proxy in versions it mints (default proxy-PORT)."],
+        [
+            "proxy-id",
+            None,
+            None,
+            "Name of this proxy in the versions it mints. Default proxy-PORT with --port; "
+            "with --listen alone, proxy-HOST:PORT of the first endpoint (HOSTNAME when it "
+            "listens on every interface); required for an endpoint without a port.",
+        ],
         ["clock-offset-ms", None, 0, "Skew this proxy's wall clock (for testing).", int],
+        [
+            "ca-file",
+            None,
+            None,
+            "PEM file of the CAs that https:// nodes' certificates must chain to "
+            "(default: the system's trust store).",
+        ],
     ]
 
     def postOptions(self) -> None:
         super().postOptions()
+        self["node-urls"] = parse_node_urls(self["nodes"])
         self["nodes"] = parse_nodes(self["nodes"])
         if self["r"] > self["replicas"] or self["w"] > self["replicas"]:
             raise usage.UsageError("--r and --w must not exceed --replicas")
-        if self["proxy-id"] is None:
+        if self["proxy-id"] is None and self["listen"] and not self._port_given:
+            self["proxy-id"] = "proxy-" + self._checked_id("--proxy-id", None)
+        elif self["proxy-id"] is None:
             self["proxy-id"] = f"proxy-{self['port']}"
+        self._checked_id("--proxy-id", self["proxy-id"], "{}.000000")
 
 
-class ClusterOptions(NodeOptions):
+class ClusterOptions(_ClientTokenOption, NodeOptions):
     synopsis = "[options]"
     longdesc = (
         "Run a whole local cluster in one process for trying shardkv out: three nodes "
@@ -251,6 +431,13 @@ class ClusterOptions(NodeOptions):
             "Seconds the proxy waits for a node.",
             _positive(float, "--timeout"),
         ],
+        [
+            "node-cert",
+            None,
+            None,
+            "PEM certificate the nodes serve (for 127.0.0.1); with it they speak TLS only.",
+        ],
+        ["node-key", None, None, "PEM private key for --node-cert."],
     ]
 
     def postOptions(self) -> None:
@@ -264,6 +451,17 @@ class ClusterOptions(NodeOptions):
         self._check_storage()
         if self["data-dir"] is None:
             self["data-dir"] = DEFAULT_DATA_ROOT
+        if (self["node-cert"] is None) != (self["node-key"] is None):
+            raise usage.UsageError("--node-cert and --node-key go together")
+        if self["ca-file"] is not None and self["node-cert"] is None:
+            raise usage.UsageError("--ca-file needs --node-cert and --node-key in a cluster")
+
+    def node_endpoint(self, port: int) -> str:
+        """A node's listener: plain loopback TCP, or TLS only with --node-cert."""
+        if self["node-cert"] is None:
+            return _loopback(port)
+        key, cert = quoteStringArgument(self["node-key"]), quoteStringArgument(self["node-cert"])
+        return f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
 
 
 class Options(usage.Options):
@@ -308,7 +506,13 @@ def _engine(config: Any, data_dir: str, reactor: Any) -> StorageEngine:
 
 
 def _node(
-    config: Any, reactor: Any, *, node_id: str, data_dir: str, listen: list[str]
+    config: Any,
+    reactor: Any,
+    *,
+    node_id: str,
+    data_dir: str,
+    listen: list[str],
+    members: list[str] | None = None,
 ) -> MultiService:
     return make_node_service(
         reactor=reactor,
@@ -318,6 +522,13 @@ def _node(
         max_value_bytes=config["max-value-bytes"],
         now_ms=_now_ms(reactor, config["clock-offset-ms"]),
         access_log=config["access-log"],
+        echo_errors=config.echo_errors(),
+        ca_file=config["ca-file"],
+        token=config["token"],
+        members=members,
+        header_timeout=config["header-timeout"],
+        max_connections=config["max-connections"],
+        max_inflight_bytes=config["max-inflight-bytes"] or NODE_MAX_INFLIGHT_BYTES,
     )
 
 
@@ -341,13 +552,22 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             vnodes=sub["vnodes"],
             pool_size=sub["pool-size"],
             pipeline_depth=sub["pipeline-depth"],
+            node_inflight_bytes=sub["node-inflight-bytes"],
             health_interval=sub["health-interval"],
             access_log=sub["access-log"],
+            echo_errors=sub.echo_errors(),
             replicas=sub["replicas"],
             r=sub["r"],
             w=sub["w"],
             writer_id=sub["proxy-id"],
             clock_offset_ms=sub["clock-offset-ms"],
+            urls=sub["node-urls"],
+            ca_file=sub["ca-file"],
+            token=sub["token"],
+            client_token=sub["client-token"],
+            header_timeout=sub["header-timeout"],
+            max_connections=sub["max-connections"],
+            max_inflight_bytes=sub["max-inflight-bytes"] or PROXY_MAX_INFLIGHT_BYTES,
         )
     return _cluster(sub, reactor)
 
@@ -355,11 +575,18 @@ def makeService(config: Options, reactor: Any = None) -> IService:
 def _cluster(sub: ClusterOptions, reactor: Any) -> MultiService:
     top = MultiService()
     nodes = {}
+    scheme = "http" if sub["node-cert"] is None else "https"
+    members = [f"127.0.0.1:{port}" for port in sub["node-ports"]]
     for port in sub["node-ports"]:
         node_id = f"127.0.0.1:{port}"
         data_dir = os.path.join(sub["data-dir"], f"node-{port}")
         _node(
-            sub, reactor, node_id=node_id, data_dir=data_dir, listen=[_loopback(port)]
+            sub,
+            reactor,
+            node_id=node_id,
+            data_dir=data_dir,
+            listen=[sub.node_endpoint(port)],
+            members=members,
         ).setServiceParent(top)
         nodes[node_id] = 1.0
     if sub["storage"] == "lmdb":
@@ -374,6 +601,14 @@ def _cluster(sub: ClusterOptions, reactor: Any) -> MultiService:
         max_value_bytes=sub["max-value-bytes"],
         timeout=sub["timeout"],
         access_log=sub["access-log"],
+        echo_errors=sub.echo_errors(),
         writer_id=f"proxy-{sub['port']}",
+        urls={node: f"{scheme}://{node}" for node in nodes},
+        ca_file=sub["ca-file"],
+        token=sub["token"],
+        client_token=sub["client-token"],
+        header_timeout=sub["header-timeout"],
+        max_connections=sub["max-connections"],
+        max_inflight_bytes=sub["max-inflight-bytes"] or PROXY_MAX_INFLIGHT_BYTES,
     ).setServiceParent(top)
     return top

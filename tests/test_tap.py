@@ -7,14 +7,21 @@ L{MemoryReactor}, which records each C{listenTCP} call instead of binding.
 
 from __future__ import annotations
 
+import errno
+import io
+import json
 import os
+import socket
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from treq.testing import StubTreq
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceCollection
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 
@@ -22,7 +29,9 @@ from shardkv import tap
 from shardkv.node.service import NodeService
 from shardkv.storage.memory import MemoryEngine
 from shardkv.web.dataroutes import DEFAULT_MAX_VALUE_BYTES
+from shardkv.web.listening import ListeningService
 from shardkv.web.site import QuietSite
+from tests.tlscerts import CA, speaks_tls
 
 LOCAL_DEFAULT_NODES = {"127.0.0.1:8081": 1.0, "127.0.0.1:8082": 1.0, "127.0.0.1:8083": 1.0}
 
@@ -233,6 +242,8 @@ def test_proxy_bad_nodes(nodes: str) -> None:
         ["--health-interval", "0"],
         ["--pipeline-depth", "-1"],
         ["--pipeline-depth", "two"],
+        ["--node-inflight-bytes", "0"],
+        ["--node-inflight-bytes", "lots"],
     ],
 )
 def test_proxy_bad_numbers(argv: list[str]) -> None:
@@ -263,6 +274,24 @@ def test_proxy_pipeline_depth(argv: list[str], depth: int) -> None:
     accepted.
     """
     assert parse("proxy", *argv).subOptions["pipeline-depth"] == depth
+
+
+@pytest.mark.parametrize(
+    ("argv", "cap"), [([], 32 << 20), (["--node-inflight-bytes", "4096"], 4096)]
+)
+def test_proxy_node_inflight_bytes(
+    argv: list[str], cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Each node gets at most 32 MiB of records in flight by default, and the
+    option reaches the proxy's service factory.
+    """
+    options = parse("proxy", *argv)
+    assert options.subOptions["node-inflight-bytes"] == cap
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(tap, "make_proxy_service", lambda **kwargs: seen.update(kwargs))
+    tap.makeService(options, MemoryReactorClock())
+    assert seen["node_inflight_bytes"] == cap
 
 
 # -- cluster and the top level -----------------------------------------------------
@@ -373,3 +402,361 @@ def test_explicit_pidfile_is_kept(nodaemon: list[str]) -> None:
     """
     options = twistd_options(*nodaemon, "--pidfile", "mine.pid", "shardkv", "node", "--port", "1")
     assert options["pidfile"] == os.path.abspath("mine.pid")
+
+
+# -- TLS to the nodes ------------------------------------------------------------
+
+
+def pem_ca(tmp_path: Any) -> str:
+    """A CA certificate file, for options that only need a readable one."""
+    return str(CA.create(tmp_path / "ca").pem)
+
+
+def connections(service: IService, reactor: MemoryReactorClock) -> dict[int, bool]:
+    """Start ``service`` on ``reactor`` (its health checks run at once): the port
+    of each outgoing connection, and whether it speaks TLS."""
+    service.startService()
+    try:
+        return {port: speaks_tls(factory, port) for _, port, factory, _, _ in reactor.tcpClients}
+    finally:
+        service.stopService()
+
+
+def test_proxy_nodes_with_schemes() -> None:
+    """
+    If C{--nodes} names nodes as C{https://host:port}, C{http://host:port}
+    or bare C{host:port}, with or without a weight, then each node's id is
+    C{host:port} (placement does not change with the scheme) and its base
+    URL keeps the scheme, C{http} when none is given.
+    """
+    sub = parse("proxy", "--nodes", "https://a:1=2, http://b:2,c:3=0.5,HTTPS://d:4").subOptions
+    assert sub["nodes"] == {"a:1": 2.0, "b:2": 1.0, "c:3": 0.5, "d:4": 1.0}
+    assert sub["node-urls"] == {
+        "a:1": "https://a:1",
+        "b:2": "http://b:2",
+        "c:3": "http://c:3",
+        "d:4": "https://d:4",
+    }
+    assert tap.parse_nodes("https://a:1,b:2") == {"a:1": 1.0, "b:2": 1.0}
+    assert parse("proxy").subOptions["node-urls"] == {n: f"http://{n}" for n in LOCAL_DEFAULT_NODES}
+
+
+@pytest.mark.parametrize(
+    "nodes",
+    ["ftp://a:1", "https://", "https://a", "https://a:1/path", "https://a:1,a:1", "//a:1"],
+)
+def test_proxy_bad_node_urls(nodes: str) -> None:
+    """
+    If a node URL has another scheme, no port, a path, or names a node
+    already listed under another scheme, then parsing raises
+    L{usage.UsageError}.
+    """
+    with pytest.raises(usage.UsageError, match="--nodes"):
+        parse("proxy", "--nodes", nodes)
+
+
+def test_proxy_calls_https_nodes_over_tls(tmp_path: Any) -> None:
+    """
+    If the proxy is given an C{https://} node and an C{http://} one, then its
+    health checks reach the first over TLS and the second in the clear.
+    """
+    options = parse(
+        "proxy",
+        "--nodes",
+        "https://127.0.0.1:9443,http://127.0.0.1:9081",
+        "--ca-file",
+        pem_ca(tmp_path),
+    )
+    reactor = MemoryReactorClock()
+    assert connections(tap.makeService(options, reactor), reactor) == {9443: True, 9081: False}
+
+
+def test_node_ca_file_reaches_the_node_service(tmp_path: Any, monkeypatch: Any) -> None:
+    """
+    If a node is given C{--ca-file}, then L{make_node_service} gets that
+    path as C{ca_file} (tests/node/test_service.py checks what it does with
+    it); without it, C{None}.
+    """
+    seen: list[Any] = []
+    monkeypatch.setattr(tap, "make_node_service", lambda **kwargs: seen.append(kwargs))
+    ca = pem_ca(tmp_path)
+    tap.makeService(parse("node", "--storage", "memory", "--ca-file", ca), MemoryReactor())
+    tap.makeService(parse("node", "--storage", "memory"), MemoryReactor())
+    assert [kwargs["ca_file"] for kwargs in seen] == [ca, None]
+
+
+@pytest.mark.parametrize("subcommand", ["node", "proxy", "cluster"])
+def test_bad_ca_file_refuses_to_start(subcommand: str, tmp_path: Any) -> None:
+    """
+    If C{--ca-file} names a missing file or one with no certificate, then
+    parsing raises L{usage.UsageError} naming the file, so twistd refuses to
+    start with one line.
+    """
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    for path in [str(tmp_path / "missing.pem"), str(garbage)]:
+        with pytest.raises(usage.UsageError, match="--ca-file") as raised:
+            parse(subcommand, "--ca-file", path)
+        assert os.path.basename(path) in str(raised.value)
+        assert "\n" not in str(raised.value)
+
+
+def test_cluster_nodes_over_tls(tmp_path: Any) -> None:
+    """
+    If C{cluster} is given C{--node-cert}, C{--node-key} and C{--ca-file},
+    then its nodes listen with TLS only and the proxy reaches them over TLS;
+    C{--ca-file} alone, or a certificate without a key, is refused, since the
+    cluster's nodes would be plain HTTP.
+    """
+    ca = CA.create(tmp_path / "ca")
+    leaf = ca.issue("node")
+    tls = ["--node-cert", str(leaf.cert), "--node-key", str(leaf.key), "--ca-file", str(ca.pem)]
+    options = parse("cluster", "--node-ports", "9301,9302", "--storage", "memory", *tls)
+    reactor = MemoryReactorClock()
+    service = tap.makeService(options, reactor)
+    for listener in listeners(service):
+        listener.privilegedStartService()
+    assert sorted(port for port, *_ in reactor.sslServers) == [9301, 9302]
+    assert [port for port, *_ in reactor.tcpServers] == [8080]
+    for listener in listeners(service):
+        listener.stopService()
+    assert connections(service, reactor) == {9301: True, 9302: True}
+    for argv in [["--ca-file", str(ca.pem)], tls[:2] + tls[4:], tls[2:]]:
+        with pytest.raises(usage.UsageError, match="--node-"):
+            parse("cluster", *argv)
+
+
+# -- tokens and protected mode (issue 12, section 1) -------------------------------
+
+TOKEN = "cluster-token-0123456789abcdef"
+
+
+@pytest.fixture
+def token_file(tmp_path: Any) -> str:
+    path = tmp_path / "token"
+    path.write_text(f"  {TOKEN}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["node", "--listen", "tcp:0", "--node-id", "127.0.0.1:9"],
+        ["node", "--listen", "tcp:8081:interface=0.0.0.0"],
+        ["node", "--listen", "tcp:8081:interface=127.0.0.1", "--listen", "tcp6:8081"],
+        ["proxy", "--listen", "tcp:8080"],
+        ["cluster", "--listen", "tcp:8080:interface=0.0.0.0"],
+    ],
+)
+def test_public_listen_without_a_token_is_refused(argv: list[str], token_file: str) -> None:
+    """Protected mode: no public listener without --token-file; one line says how to fix it."""
+    with pytest.raises(usage.UsageError) as caught:
+        parse(*argv)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "--token-file" in message
+    assert "127.0.0.1" in message
+    parsed = parse(*argv, "--token-file", token_file)
+    assert parsed.subOptions["token"] == TOKEN
+
+
+@pytest.mark.parametrize("subcommand", ["node", "proxy", "cluster"])
+def test_loopback_needs_no_token(subcommand: str) -> None:
+    options = parse(subcommand)
+    assert options.subOptions["token"] is None
+
+
+@pytest.mark.parametrize("option", ["--token-file", "--client-token-file"])
+def test_bad_token_file_is_a_usage_error(option: str, tmp_path: Any) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(usage.UsageError, match=f"{option}: cannot read {missing}"):
+        parse("proxy", option, str(missing))
+
+
+def test_node_has_no_client_token_option(token_file: str) -> None:
+    with pytest.raises(usage.UsageError):
+        parse("node", "--client-token-file", token_file)
+
+
+def test_tokens_reach_the_guards(token_file: str, tmp_path: Any) -> None:
+    """
+    In a cluster, each node's site wants the cluster token and shows the
+    member list it was given; the proxy's data API wants the client token.
+    """
+    client = tmp_path / "client"
+    client.write_text("client-token-0123456789abcdef")
+    built = build(
+        "cluster", "--storage", "memory", "--token-file", token_file,
+        "--client-token-file", str(client),
+    )  # fmt: skip
+    answers = []
+    for site in sites(built.service):
+        stub: Any = StubTreq(site.resource)
+        health = stub.get("http://127.0.0.1/health")
+        data = stub.get("http://127.0.0.1/kv/k")
+        stub.flush()
+        health_body = json.loads(stub.content(health.result).result)
+        answers.append((health_body.get("members"), data.result.code))
+    members = ["127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083"]
+    assert answers == [(members, 401)] * 3 + [(None, 401)]
+
+
+# -- names from --listen, and a cluster that cannot have one of its ports (section 6) --
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "node_id"),
+    [
+        ("tcp:9001:interface=127.0.0.2", "127.0.0.2:9001"),
+        ("tcp:9001:interface=10.0.0.5", "10.0.0.5:9001"),
+        ("tcp:9001", "db-3:9001"),
+        ("tcp:9001:interface=0.0.0.0", "db-3:9001"),
+        ("ssl:8443:privateKey=k.pem:certKey=c.pem:interface=10.0.0.6", "10.0.0.6:8443"),
+        ("tcp6:9002:interface=\\:\\:1", "::1:9002"),
+    ],
+)
+def test_node_id_from_listen(
+    endpoint: str, node_id: str, token_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    If a node is given C{--listen} and no C{--port}, then it is named after
+    the first endpoint's interface and port (the host name when it listens on
+    every interface), and its data directory and pidfile after that port.
+    """
+    monkeypatch.setattr(socket, "gethostname", lambda: "db-3")
+    options = parse(
+        "node", "--listen", endpoint, "--listen", "tcp:7000", "--token-file", token_file
+    )
+    sub = options.subOptions
+    port = int(node_id.rpartition(":")[2])
+    assert sub["node-id"] == node_id
+    assert sub["port"] == port
+    assert sub["data-dir"] == os.path.join("shardkv-data", f"node-{port}")
+    assert sub.endpoints() == [endpoint, "tcp:7000"]
+
+
+def test_port_keeps_the_loopback_names() -> None:
+    """
+    If C{--port} is given beside C{--listen}, then the names stay those of
+    the loopback port, as before (ids must not change under a running
+    cluster).
+    """
+    sub = parse("node", "--listen", "tcp:9001:interface=127.0.0.2", "--port", "9005").subOptions
+    assert (sub["node-id"], sub["port"]) == ("127.0.0.1:9005", 9005)
+    proxy = parse("proxy", "--listen", "tcp:9001:interface=127.0.0.2", "--port", "9005")
+    assert proxy.subOptions["proxy-id"] == "proxy-9005"
+    assert parse("proxy").subOptions["proxy-id"] == "proxy-8080"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "proxy_id"),
+    [
+        ("tcp:9080:interface=127.0.0.2", "proxy-127.0.0.2:9080"),
+        ("tcp:9080", "proxy-db-3:9080"),
+        ("ssl:8443:privateKey=k.pem:interface=10.0.0.5", "proxy-10.0.0.5:8443"),
+    ],
+)
+def test_proxy_id_from_listen(
+    endpoint: str, proxy_id: str, token_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    If a proxy is given C{--listen} and no C{--port}, then its id names the
+    first endpoint's host and port.
+    """
+    monkeypatch.setattr(socket, "gethostname", lambda: "db-3")
+    options = parse("proxy", "--listen", endpoint, "--token-file", token_file)
+    assert options.subOptions["proxy-id"] == proxy_id
+
+
+@pytest.mark.parametrize("subcommand", ["node", "proxy"])
+@pytest.mark.parametrize("endpoint", ["unix:/tmp/shardkv.sock", "tcp:0:interface=127.0.0.1"])
+def test_endpoint_without_a_port_needs_an_id(subcommand: str, endpoint: str) -> None:
+    """
+    If the endpoint has no port to name the process after (a unix socket,
+    port 0), then the id must be given: a one-line usage error says which
+    option; with it, the node's data directory is named after its id.
+    """
+    option = f"--{subcommand}-id"
+    with pytest.raises(usage.UsageError, match=option) as raised:
+        parse(subcommand, "--listen", endpoint)
+    assert "\n" not in str(raised.value) and endpoint in str(raised.value)
+    sub = parse(subcommand, "--listen", endpoint, option, "here:1").subOptions
+    assert sub[option[2:]] == "here:1"
+    if subcommand == "node":
+        assert sub["data-dir"] == os.path.join("shardkv-data", "node-here-1")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["node", "--node-id", "a b"],
+        ["node", "--node-id", "x" * 200],
+        ["proxy", "--proxy-id", "p/1"],
+        ["node", "--listen", "tcp:abc"],
+        ["node", "--listen", "tcp:99999:interface=127.0.0.1"],
+    ],
+)
+def test_unusable_ids_and_ports_are_usage_errors(argv: list[str]) -> None:
+    """
+    If an id cannot be carried in a version, or an endpoint's port is no
+    port, then parsing refuses with one line instead of a traceback at start.
+    """
+    with pytest.raises(usage.UsageError) as raised:
+        parse(*argv)
+    assert "\n" not in str(raised.value)
+
+
+class TakenPortReactor(MemoryReactor):
+    """A memory reactor on which some ports are held by another process."""
+
+    def __init__(self, taken: set[int]) -> None:
+        super().__init__()
+        self.taken = taken
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        if port in self.taken:
+            cause = OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+            raise CannotListenError(interface, port, cause)
+        return super().listenTCP(port, factory, backlog, interface)
+
+
+def test_cluster_with_a_taken_port_opens_no_engine(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    If one of a cluster's node ports is taken, then twistd's first step
+    (privilegedStartService on the whole tree) exits with status 1 and one
+    line naming the port, before any node has opened its data directory and
+    before the ports after it are asked for. Every listener is a
+    L{ListeningService}.
+    """
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "__stderr__", terminal)
+    options = parse(
+        "cluster", "--node-ports", "9401,9402,9403", "--port", "9400", "--data-dir", str(tmp_path)
+    )
+    reactor = TakenPortReactor({9402})
+    service = tap.makeService(options, reactor)
+    assert len(listeners(service)) == 4
+    assert all(isinstance(listener, ListeningService) for listener in listeners(service))
+    with pytest.raises(SystemExit) as exited:
+        service.privilegedStartService()
+    assert exited.value.code == 1
+    assert [port for port, *_ in reactor.tcpServers] == [9401]
+    assert os.listdir(tmp_path) == [], "no node opened its data directory"
+    assert not any(s.running for s in walk(service))
+    lines = terminal.getvalue().splitlines()
+    assert len(lines) == 1 and "port 9402 of 127.0.0.1" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("twistd", "echo"),
+    [(["-n"], False), (["-n", "--logfile", "x.log"], True), ([], True)],
+)
+def test_echo_errors_follows_where_twistd_logs(twistd: list[str], echo: bool) -> None:
+    """
+    A refusal is printed besides being logged, except under C{twistd -n} with
+    no log file, where the log is the terminal already.
+    """
+    options = twistd_options(*twistd, "shardkv", "node", "--port", "1")
+    assert options.subOptions.subOptions.echo_errors() is echo

@@ -17,6 +17,18 @@ A version is ``(counter, clock_ms, writer)``, compared as a tuple.
 
 One writer never mints the same ``(counter, clock_ms)`` twice: L{VersionClock}
 keeps its clock strictly increasing.
+
+Range. The record format holds two unsigned 64-bit numbers, but a node refuses
+a replicated version whose counter is above L{MAX_COUNTER} (2^63) or whose
+clock is more than L{MAX_FUTURE_MS} ahead of its own (L{check_incoming}).
+Why: every write mints ``counter + 1``, so a version at the format's top would
+leave the key unwritable (nothing newer could be minted), and read repair
+would spread it to every replica. An honest counter grows by one per write and
+never gets near 2^63. A key that someone pushed to the cap stays writable: at
+the cap the counter stops growing and the clock decides, so L{VersionClock}
+mints ``(MAX_COUNTER, seen.clock_ms + 1)`` or later, which every replica takes
+(however far behind it is) because the entry check bounds the clock by each
+node's own time, not by a fixed number that could be reached.
 """
 
 from __future__ import annotations
@@ -29,6 +41,11 @@ from dataclasses import dataclass
 _WRITER = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 _TEXT = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})-(.*)$", re.ASCII)
 _U64 = 1 << 64
+
+MAX_COUNTER = 1 << 63
+"""The largest counter a node takes from another process, and where minting stops counting."""
+MAX_FUTURE_MS = 1 << 40
+"""How far ahead of a node's clock a replicated version's clock may be (about 35 years)."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -74,6 +91,21 @@ class Version:
             raise VersionError(f"not a version: {text[:200]!r}") from None
 
 
+def check_incoming(version: Version, now_ms: int) -> Version:
+    """``version`` if a node whose clock reads ``now_ms`` may store it, else L{VersionError}.
+
+    Used where a node takes replicated records (replica writes, batch puts,
+    hints), not for If-Match tags, which are only compared.
+    """
+    if version.counter > MAX_COUNTER:
+        raise VersionError(f"version {version} is out of range: the counter may be at most 2^63")
+    if version.clock_ms > max(now_ms, 0) + MAX_FUTURE_MS:
+        raise VersionError(
+            f"version {version} is out of range: its clock is more than 2^40 ms ahead of ours"
+        )
+    return version
+
+
 class VersionClock:
     """Mints versions for one writer.
 
@@ -89,8 +121,21 @@ class VersionClock:
         self._last_ms = -1
 
     def mint(self, seen: Version | None) -> Version:
-        """A version that is newer than ``seen`` and than anything minted before."""
+        """A version that is newer than ``seen`` and than anything minted before.
+
+        At L{MAX_COUNTER} the counter stays and the clock moves past
+        ``seen``'s instead, so a version that passed L{check_incoming} always
+        has a successor that passes it too. Raises L{VersionError} only for a
+        ``seen`` no node takes (a counter over the cap, or a clock at the
+        format's top), which can only come from data stored before the check.
+        """
         ms = max(self._now_ms(), self._last_ms + 1, 0)
+        if seen is None:
+            counter = 1
+        elif seen.counter < MAX_COUNTER:
+            counter = seen.counter + 1
+        else:
+            counter = seen.counter
+            ms = max(ms, seen.clock_ms + 1)
         self._last_ms = ms
-        counter = seen.counter + 1 if seen is not None else 1
         return Version(counter, ms, self.writer)

@@ -1,5 +1,9 @@
 """The node's Klein app: routes only. The data API and the replica routes
-parse and render here; what they do is the node's store (L{shardkv.node.store})."""
+parse and render here; what they do is the node's store (L{shardkv.node.store}).
+
+Serve L{NodeApp.resource}: it puts the guard (L{shardkv.web.auth}) in front of
+every route, so only ``/health`` answers without the cluster token (or, in
+protected mode, to anyone not on loopback)."""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ from collections.abc import Sequence
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 
 from shardkv.core.records import Record
 from shardkv.core.versions import VersionError
 from shardkv.errors import InvalidRequest, ShardkvError
+from shardkv.node.members import MEMBERS_PATH, parse_members
 from shardkv.node.store import NodeStore, Outcome
 from shardkv.replica import codec
 from shardkv.replica.protocol import (
@@ -21,9 +27,11 @@ from shardkv.replica.protocol import (
     REPLICA_KV_PREFIX,
     TOMBSTONE_HEADER,
     VERSION_HEADER,
+    InvalidContentType,
     record_from_headers,
     record_headers,
 )
+from shardkv.web.auth import Guard, GuardedResource, node_policy
 from shardkv.web.dataroutes import install_data_routes, path_key
 from shardkv.web.errors import install_error_handlers, json_body, status_for
 
@@ -35,9 +43,15 @@ class NodeApp:
     install_data_routes(app)
     install_error_handlers(app)
 
-    def __init__(self, store: NodeStore) -> None:
+    def __init__(self, store: NodeStore, guard: Guard | None = None) -> None:
+        """Without a ``guard`` the node is in protected mode (no token, loopback peers only)."""
         self.store = store
         self.max_value_bytes = store.max_value_bytes
+        self.guard = guard if guard is not None else Guard()
+
+    def resource(self) -> Resource:
+        """The app behind its guard: what a node serves."""
+        return GuardedResource(self.app.resource(), self.guard, node_policy)
 
     def backend(self, request: IRequest) -> NodeStore:
         """A node serves its own copy: quorum settings do not apply here."""
@@ -59,9 +73,13 @@ class NodeApp:
                 request.getHeader(TOMBSTONE_HEADER),
                 request.getHeader(b"content-type"),
                 request.content.read(),
+                strict=True,
             )
         except VersionError as e:
             raise InvalidRequest(f"{VERSION_HEADER.decode()}: {e}", "invalid_version") from None
+        except InvalidContentType as e:
+            raise InvalidRequest(str(e)) from None
+        self.store.check_incoming(key, record.version)
         hint_for = request.args.get(HINT_FOR.encode(), [b""])[0].decode("utf-8", "replace")
         d = self.store.accept(key, record, hint_for or None)
         return d.addCallback(lambda applied: json_body(request, 200, {"applied": applied}))
@@ -80,6 +98,13 @@ class NodeApp:
 
         return self.store.run_batch(ops).addCallback(answer)
 
+    @app.route(MEMBERS_PATH, methods=["PUT"])
+    def replica_members(self, request: IRequest) -> bytes:
+        """The proxy's member list, replacing ours (see L{shardkv.node.members})."""
+        members = self.store.members
+        members.replace(parse_members(request.content.read()))
+        return json_body(request, 200, {"members": members.as_json()})
+
     @app.route(HEALTH_PATH, methods=["GET"])
     def health(self, request: IRequest) -> bytes:
         store = self.store
@@ -90,6 +115,7 @@ class NodeApp:
             "node": store.node_id,
             "storage": {"engine": store.engine.name, "writable": h.writable, **h.details},
             "hints": store.engine.hint_counts(),
+            "members": store.members.as_json(),
         }
         if h.reason:
             payload["reason"] = h.reason

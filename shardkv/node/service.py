@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from shardkv.core.versions import VersionClock
 from shardkv.errors import StorageStartupError
 from shardkv.node.app import NodeApp
 from shardkv.node.handoff import HintHandoff
+from shardkv.node.members import MemberOnlyClient, Members
 from shardkv.node.store import NodeStore
 from shardkv.node.tombstones import DEFAULT_GRACE_SECONDS, TombstoneCollector
 from shardkv.periodic import cooperator_on
-from shardkv.replica.client import ReplicaClient
 from shardkv.storage.engine import StorageEngine
+from shardkv.web.auth import Guard
 from shardkv.web.dataroutes import body_limit_for
-from shardkv.web.httpclient import HTTPClientService
-from shardkv.web.site import make_site
+from shardkv.web.httpclient import HTTPClientService, SchemeURLs
+from shardkv.web.listening import listening_service
+from shardkv.web.site import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    NODE_MAX_INFLIGHT_BYTES,
+    make_site,
+)
 
 log = Logger(namespace="shardkv.node")
 
@@ -69,25 +74,47 @@ def make_node_service(
     max_value_bytes: int,
     now_ms: Callable[[], int],
     access_log: bool = False,
+    echo_errors: bool = True,
     handoff_interval: float = 1.0,
     tombstone_grace: float = DEFAULT_GRACE_SECONDS,
     peer_timeout: float = 2.0,
+    token: str | None = None,
+    members: Iterable[str] | None = None,
+    ca_file: str | None = None,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_inflight_bytes: int = NODE_MAX_INFLIGHT_BYTES,
 ) -> NodeService:
-    store = NodeStore(node_id, engine, VersionClock(node_id, now_ms), max_value_bytes, now_ms)
-    app = NodeApp(store)
+    """``token``: the cluster token (None: protected mode); ``members``: the cluster's
+    nodes if known now (otherwise the proxy tells them). With ``ca_file`` the node
+    hands hints to its peers over https, verified against that CA: a hint names its
+    target by id only, so one scheme serves every peer, and a cluster is all TLS or not.
+    """
+    known = Members(members)
+    versions = VersionClock(node_id, now_ms)
+    store = NodeStore(node_id, engine, versions, max_value_bytes, now_ms, members=known)
+    app = NodeApp(store, Guard(token))
     site = make_site(
-        app.app.resource(), body_limit_for(max_value_bytes, replica_routes=True), access_log
+        app.resource(),
+        body_limit_for(max_value_bytes, replica_routes=True),
+        access_log,
+        reactor=reactor,
+        header_timeout=header_timeout,
+        max_connections=max_connections,
+        max_inflight_bytes=max_inflight_bytes,
     )
     service = NodeService(engine)
-    client = HTTPClientService(reactor, max_per_host=16)
+    client = HTTPClientService(reactor, max_per_host=16, token=token, ca_file=ca_file)
     client.setServiceParent(service)
-    handoff = HintHandoff(engine, ReplicaClient(client, reactor, peer_timeout, pipeline_depth=1))
+    urls = None if ca_file is None else SchemeURLs("https")
+    peers = MemberOnlyClient(known, client, reactor, peer_timeout, pipeline_depth=1, urls=urls)
+    handoff = HintHandoff(engine, peers)
     handoff.service(handoff_interval, reactor).setServiceParent(service)
     collector = TombstoneCollector(
         engine, now_ms, tombstone_grace, cooperator=cooperator_on(reactor)
     )
     collector.service(min(tombstone_grace, 3600.0), reactor).setServiceParent(service)
     for description in listen:
-        endpoint = serverFromString(reactor, description)
-        StreamServerEndpointService(endpoint, site).setServiceParent(service)
+        listener = listening_service(reactor, description, site, owner="node", echo=echo_errors)
+        listener.setServiceParent(service)
     return service

@@ -16,14 +16,21 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.python.failure import Failure
 
 from shardkv.core.conditions import Precondition
 from shardkv.core.records import CorruptRecord, Record
-from shardkv.core.versions import Version, VersionClock
+from shardkv.core.versions import Version, VersionClock, VersionError, check_incoming
 from shardkv.core.writes import WriteResult, next_tombstone, next_value
-from shardkv.errors import NotFound, ShardkvError, ValueTooLarge
+from shardkv.errors import (
+    InvalidHintTarget,
+    InvalidRequest,
+    NotFound,
+    ShardkvError,
+    ValueTooLarge,
+)
+from shardkv.node.members import Members
 from shardkv.replica import codec
 from shardkv.storage.engine import StorageEngine
 
@@ -40,8 +47,11 @@ class NodeStore:
         versions: VersionClock,
         max_value_bytes: int,
         now_ms: Callable[[], int],
+        members: Members | None = None,
     ) -> None:
+        """``members``: the cluster as this node knows it; without them every hint is refused."""
         self.node_id = node_id
+        self.members = members if members is not None else Members()
         self.engine = engine
         self.versions = versions
         self.max_value_bytes = max_value_bytes
@@ -95,7 +105,18 @@ class NodeStore:
         return record
 
     def accept(self, key: str, record: Record, hint_for: str | None) -> Deferred[bool]:
-        """Store a replicated record if newer, or keep it as a hint for ``hint_for``."""
+        """Store a replicated record if newer, or keep it as a hint for ``hint_for``.
+
+        A hint is kept only for a current member: the handoff would send it to
+        ``hint_for``, and a caller must not choose where this node sends data.
+        """
+        if hint_for is not None and hint_for not in self.members:
+            why = (
+                "it is not a member of the cluster"
+                if self.members.known
+                else "this node has not been told the cluster's members yet"
+            )
+            return fail(InvalidHintTarget(f"hint for {hint_for!r} refused: {why}"))
         local = dataclasses.replace(record, stored_ms=self.now_ms())
         if hint_for is not None:
             return self.engine.put_hint(hint_for, key, local)
@@ -106,14 +127,30 @@ class NodeStore:
 
         Reads answer from the engine at once; writes join the same group
         commit. One operation's failure is its own outcome, not the batch's.
+        Anything else (the caller hung up and the batch was cancelled) fails
+        the batch with the first such error itself, and no operation's
+        failure is left unhandled.
         """
         outcomes: list[Deferred[Any]] = []
         for op in ops:
             if isinstance(op, codec.GetOp):
                 outcomes.append(self._get(op.key))
             else:
+                try:
+                    self.check_incoming(op.key, op.record.version)
+                except InvalidRequest as e:
+                    outcomes.append(succeed(e))
+                    continue
                 outcomes.append(self._put(op))
-        return gatherResults(outcomes)
+        return gatherResults(outcomes, consumeErrors=True).addErrback(_first_error)
+
+    def check_incoming(self, key: str, version: Version) -> None:
+        """Refuse a replicated version this node must not store (see
+        L{shardkv.core.versions.check_incoming}) with L{InvalidRequest}."""
+        try:
+            check_incoming(version, self.now_ms())
+        except VersionError as e:
+            raise InvalidRequest(f"{self.node_id}, key {key!r}: {e}", "invalid_version") from None
 
     def _get(self, key: str) -> Deferred[Any]:
         try:
@@ -135,3 +172,11 @@ class NodeStore:
         assert isinstance(err, ShardkvError)
         err.message = f"{self.node_id}: {err.message}"
         return err
+
+
+def _first_error(failure: Failure) -> Failure:
+    """The operation's own failure rather than gatherResults' wrapper, so that
+    a cancellation still reads as one (the web layer answers it quietly)."""
+    if isinstance(failure.value, FirstError):
+        return failure.value.subFailure
+    return failure

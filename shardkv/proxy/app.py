@@ -1,10 +1,17 @@
-"""The proxy's Klein app: the data API through the coordinator, plus views of the cluster."""
+"""The proxy's Klein app: the data API through the coordinator, plus views of the cluster.
+
+Serve L{ProxyApp.resource}: it puts the guard (L{shardkv.web.auth}) in front of
+every route. ``/health`` is open; the data API needs the client token when one
+is set; ``/cluster`` and ``/explain`` need the client token when one is set,
+else the cluster token when one is set; any other path is an admin route.
+"""
 
 from __future__ import annotations
 
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 
 from shardkv.core.conditions import Precondition
 from shardkv.core.quorum import Consistency
@@ -13,6 +20,7 @@ from shardkv.core.versions import Version
 from shardkv.core.writes import WriteResult
 from shardkv.proxy.coordinator import Coordinator
 from shardkv.proxy.views import cluster_view, explain_key
+from shardkv.web.auth import Guard, GuardedResource, proxy_policy
 from shardkv.web.dataroutes import consistency, install_data_routes, query_key
 from shardkv.web.errors import install_error_handlers, json_body
 
@@ -43,9 +51,17 @@ class ProxyApp:
     install_data_routes(app)
     install_error_handlers(app)
 
-    def __init__(self, coordinator: Coordinator, max_value_bytes: int) -> None:
+    def __init__(
+        self, coordinator: Coordinator, max_value_bytes: int, guard: Guard | None = None
+    ) -> None:
+        """Without a ``guard``: no tokens, admin routes for loopback peers only."""
         self.coordinator = coordinator
         self.max_value_bytes = max_value_bytes
+        self.guard = guard if guard is not None else Guard()
+
+    def resource(self) -> Resource:
+        """The app behind its guard: what a proxy serves."""
+        return GuardedResource(self.app.resource(), self.guard, proxy_policy)
 
     def backend(self, request: IRequest) -> QuorumBackend:
         return QuorumBackend(self.coordinator, consistency(request))

@@ -13,7 +13,13 @@ When a quorum cannot be had it raises:
   replicas acknowledged, and whether the write may still have been applied
   on some of them (``"outcome": "unknown"``) or not at all;
 - L{QuorumTimeout}: the quorum was still possible but replicas did not
-  answer in time; for a write the outcome is unknown, never a failure.
+  answer in time; for a write the outcome is unknown, never a failure;
+- L{Overloaded}: the quorum failed only because replicas were busy (each had
+  its cap of bytes in flight, L{NodeBusy}), so nothing was sent anywhere and
+  a retry shortly after may succeed. A write checks every target for room
+  before it sends anything: if fewer than W have room it is refused whole,
+  rather than sent to one replica and then reported as "unknown". An
+  outcome that may have been applied is never "overloaded".
 
 Replicas that missed a write are the business of L{shardkv.proxy.hints}.
 """
@@ -42,10 +48,16 @@ from shardkv.core.quorum import (
 from shardkv.core.records import Record
 from shardkv.core.versions import Version, VersionClock
 from shardkv.core.writes import WriteResult, next_tombstone, next_value
-from shardkv.errors import QuorumTimeout, QuorumUnavailable, ReplicaCallFailed
+from shardkv.errors import (
+    NodeBusy,
+    Overloaded,
+    QuorumTimeout,
+    QuorumUnavailable,
+    ReplicaCallFailed,
+)
 from shardkv.proxy.health import HealthMonitor
 from shardkv.proxy.hints import HintKeeper
-from shardkv.replica.client import ReplicaClient
+from shardkv.replica.client import ReplicaClient, write_cost
 
 DEFAULT_SIZES = QuorumSizes(n=3, r=2, w=2)
 
@@ -96,6 +108,7 @@ class Coordinator:
         """The newest record (tombstones included) that R replicas agree exists."""
         replicas = self.ring.preference_list(key, n)
         quorum = ReadQuorum(replicas, r)
+        busy: set[str] = set()
         done, check = _first(lambda: quorum.outcome() is not None)
 
         def landed() -> None:
@@ -117,7 +130,7 @@ class Coordinator:
                 self._read_ok,
                 self._read_failed,
                 callbackArgs=(quorum, node, counts, landed),
-                errbackArgs=(quorum, node, landed),
+                errbackArgs=(quorum, node, landed, busy),
             )
             calls.append(call)
         check()
@@ -132,7 +145,7 @@ class Coordinator:
         outcome = quorum.outcome()
         if outcome is Outcome.OK:
             return quorum.newest()
-        raise self._read_error(quorum, r)
+        raise self._read_error(quorum, r, busy)
 
     @staticmethod
     def _read_ok(
@@ -141,15 +154,26 @@ class Coordinator:
         quorum.add(node, record, counts=counts)
         landed()
 
-    def _read_failed(self, failure: Failure, quorum: ReadQuorum, node: str, landed: Any) -> None:
+    def _read_failed(
+        self, failure: Failure, quorum: ReadQuorum, node: str, landed: Any, busy: set[str]
+    ) -> None:
         self.health.call_failed(node, failure.value)
+        if isinstance(failure.value, NodeBusy):
+            busy.add(node)
         quorum.fail(node, _reply_kind(failure))
         landed()
 
     @staticmethod
-    def _read_error(quorum: ReadQuorum, r: int) -> QuorumUnavailable:
+    def _read_error(quorum: ReadQuorum, r: int, busy: set[str]) -> QuorumUnavailable:
         failed = sorted(quorum.failed)
         details = {"replied": quorum.answered, "required": r, "failed": failed}
+        if failed and busy.issuperset(failed):
+            return Overloaded(
+                f"only {quorum.answered} of the {r} replicas needed could be read: "
+                f"{', '.join(failed)} {'is' if len(failed) == 1 else 'are'} busy; "
+                "try again shortly",
+                **details,
+            )
         down = f" ({', '.join(failed)} failed or down)" if failed else ""
         if any(kind is Reply.UNKNOWN for kind in quorum.failed.values()):
             message = f"only {quorum.answered} of the {r} replicas needed answered in time{down}"
@@ -215,6 +239,8 @@ class Coordinator:
                 outcome="not_applied",
                 down=down,
             )
+        self._admit(targets, w, sloppy, write_cost(key, record))
+        busy: set[Target] = set()
         decided, check = _first(lambda: quorum.outcome() is not None)
 
         def landed() -> None:
@@ -228,7 +254,7 @@ class Coordinator:
                 self._write_ok,
                 self._write_failed,
                 callbackArgs=(quorum, target, landed),
-                errbackArgs=(quorum, target, landed),
+                errbackArgs=(quorum, target, landed, busy),
             )
         check()
         await decided
@@ -236,6 +262,14 @@ class Coordinator:
         if outcome is Outcome.OK:
             return
         counts = {"acks": quorum.acks, "required": w}
+        if outcome is Outcome.FAILED and busy.issuperset(quorum.replies):
+            raise Overloaded(
+                f"only {quorum.acks} of the {w} replicas needed had room for the write; "
+                "nothing was written, try again shortly",
+                **counts,
+                outcome="not_applied",
+                busy=sorted({t.node for t in busy}),
+            )
         if outcome is Outcome.FAILED:
             raise QuorumUnavailable(
                 f"only {quorum.acks} of the {w} replicas needed acknowledged; "
@@ -262,9 +296,42 @@ class Coordinator:
         quorum.add(target, Reply.OK)
         landed()
 
+    def _admit(self, targets: list[Target], w: int, sloppy: bool, size: int) -> None:
+        """Refuse the write, before anything is sent, unless W targets have room for it."""
+        need: dict[str, int] = {}
+        busy: list[Target] = []
+        for target in targets:
+            need[target.node] = need.get(target.node, 0) + size
+            if not self.replica_client.has_room(target.node, need[target.node]):
+                busy.append(target)
+        if not busy:
+            return
+        probe = WriteQuorum(targets, w, sloppy)
+        for target in busy:
+            probe.add(target, Reply.FAILED)
+        if probe.acks + probe.pending >= w:
+            return
+        nodes = sorted({t.node for t in busy})
+        raise Overloaded(
+            f"W={w} replicas are needed but {', '.join(nodes)} "
+            f"{'has' if len(nodes) == 1 else 'have'} too much in flight; "
+            "nothing was written, try again shortly",
+            acks=0,
+            required=w,
+            outcome="not_applied",
+            busy=nodes,
+        )
+
     def _write_failed(
-        self, failure: Failure, quorum: WriteQuorum, target: Target, landed: Any
+        self,
+        failure: Failure,
+        quorum: WriteQuorum,
+        target: Target,
+        landed: Any,
+        busy: set[Target],
     ) -> None:
         self.health.call_failed(target.node, failure.value)
+        if isinstance(failure.value, NodeBusy):
+            busy.add(target)
         quorum.add(target, _reply_kind(failure))
         landed()

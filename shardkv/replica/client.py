@@ -9,6 +9,15 @@ whether the request may have been applied (``sent``), L{NodeBusy} that it was
 not sent, L{ReplicaRefused} that the node answered with an error of its own,
 L{BadReplicaAnswer} that its answer made no sense.
 
+Each node gets at most ``node_inflight_bytes`` of records in flight (single-key
+writes and batched ones alike, counted from the call until its answer, failure
+or cancellation; a record costs its value, key and content type plus
+L{RECORD_OVERHEAD}, so a full node takes no tombstones either). Past it a write fails at once with
+L{NodeBusy}, nothing sent: a slow node then costs the proxy a bounded amount
+of memory, and the caller learns "busy" in microseconds instead of a timeout
+seconds later that looks like a failure. A write to an idle node always goes,
+whatever its size, so a cap below the largest value cannot starve it.
+
 With a pipeline depth above zero, replica reads and writes of small records
 go through one L{NodePipeline} per node and travel in batches.
 
@@ -19,12 +28,12 @@ CancelledError, which Klein drops silently.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import treq
 from twisted.internet import error as neterror
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
@@ -32,6 +41,7 @@ from shardkv.core.records import Record
 from shardkv.core.versions import VersionError
 from shardkv.errors import (
     BadReplicaAnswer,
+    NodeBusy,
     NodeTimeout,
     NodeUnreachable,
     ReplicaCallFailed,
@@ -58,6 +68,22 @@ _NOT_SENT = (
 )
 
 
+DEFAULT_NODE_INFLIGHT_BYTES = 32 << 20
+"""Record bytes in flight to one node: a few hundred milliseconds of a node's
+write throughput, so a busy node stays busy while the proxy's memory for it
+stays bounded."""
+
+
+RECORD_OVERHEAD = 64
+"""Bytes a replica write costs beyond its key, value and content type: the
+version, headers and framing, rounded up."""
+
+
+def write_cost(key: str, record: Record) -> int:
+    """What a replica write of ``record`` counts against its node's cap."""
+    return len(key) + len(record.content_type) + len(record.value) + RECORD_OVERHEAD
+
+
 def _cancelled(exc: BaseException) -> bool:
     if isinstance(exc, CancelledError | neterror.ConnectingCancelledError):
         return True
@@ -69,13 +95,27 @@ class ReplicaClient:
     """The replica routes of every node, as seen from the proxy or another node."""
 
     def __init__(
-        self, http: Any, clock: IReactorTime, timeout: float, pipeline_depth: int = 0
+        self,
+        http: Any,
+        clock: IReactorTime,
+        timeout: float,
+        pipeline_depth: int = 0,
+        *,
+        urls: Mapping[str, str] | None = None,
+        node_inflight_bytes: int = DEFAULT_NODE_INFLIGHT_BYTES,
     ) -> None:
+        """``urls``: each node's base URL (``https://host:port``); a node not in it is
+        reached at ``http://{node}``.
+        """
         self._http = http
+        self._urls: Mapping[str, str] = {} if urls is None else urls
         self._clock = clock
         self.timeout = timeout
         self.pipeline_depth = pipeline_depth
         self.pipelines: dict[tuple[str, str], NodePipeline] = {}
+        self.node_inflight_bytes = node_inflight_bytes
+        self.inflight_bytes: dict[str, int] = {}
+        self.busy: dict[str, int] = {}
 
     def _pipeline(self, node: str, kind: str) -> NodePipeline | None:
         """The node's pipeline for reads or for writes.
@@ -98,12 +138,37 @@ class ReplicaClient:
         return pipeline
 
     def pipeline_stats(self, node: str) -> dict[str, dict[str, int]]:
-        """Batches and operations sent so far to ``node``, and what is waiting."""
-        return {
+        """Batches and operations sent so far to ``node``, and what is waiting;
+        once it has been written to, its record bytes in flight (``bytes``)."""
+        stats = {
             kind: pipeline.stats()
             for (name, kind), pipeline in sorted(self.pipelines.items())
             if name == node
         }
+        if node in self.inflight_bytes:
+            stats["bytes"] = {
+                "in_flight": self.inflight_bytes[node],
+                "limit": self.node_inflight_bytes,
+                "busy": self.busy.get(node, 0),
+            }
+        return stats
+
+    def has_room(self, node: str, size: int) -> bool:
+        """Would a write costing ``size`` (L{write_cost}) to ``node`` be sent now?"""
+        used = self.inflight_bytes.get(node, 0)
+        return used == 0 or used + size <= self.node_inflight_bytes
+
+    def _admit(self, node: str, size: int) -> NodeBusy | None:
+        """Count ``size`` bytes as in flight to ``node``, or say why not."""
+        if not self.has_room(node, size):
+            self.busy[node] = self.busy.get(node, 0) + 1
+            return NodeBusy(node, self.inflight_bytes[node], "bytes of records in flight")
+        self.inflight_bytes[node] = self.inflight_bytes.get(node, 0) + size
+        return None
+
+    def _release(self, result: Any, node: str, size: int) -> Any:
+        self.inflight_bytes[node] -= size
+        return result
 
     async def send_batch(self, node: str, ops: Sequence[codec.Op]) -> list[codec.Result]:
         """Send ``ops`` as one ``POST /replica/batch``; one result per operation."""
@@ -128,7 +193,7 @@ class ReplicaClient:
     async def _call(
         self, node: str, method: str, path: str, **kwargs: Any
     ) -> tuple[int, Any, bytes]:
-        url = f"http://{node}{path}".encode("ascii")
+        url = f"{self._urls.get(node, f'http://{node}')}{path}".encode("ascii")
 
         async def exchange() -> tuple[int, Any, bytes]:
             # A node never redirects, and the body is read at once: skip
@@ -212,12 +277,22 @@ class ReplicaClient:
     def replica_put(
         self, node: str, key: str, record: Record, hint_for: str | None = None
     ) -> Deferred[bool]:
-        """Store ``record`` on ``node`` if newer; True if it was applied."""
+        """Store ``record`` on ``node`` if newer; True if it was applied.
+
+        Fails at once with L{NodeBusy} (nothing sent) while ``node`` has too
+        many record bytes in flight.
+        """
+        size = write_cost(key, record)
+        busy = self._admit(node, size)
+        if busy is not None:
+            return fail(busy)
         pipeline = self._pipeline(node, "write")
+        put: Deferred[Any]
         if pipeline is None or not codec.fits(record):
-            return Deferred.fromCoroutine(self._replica_put_alone(node, key, record, hint_for))
-        put: Deferred[Any] = pipeline.submit(codec.PutOp(key, record, hint_for))
-        return put.addCallback(self._put, node)
+            put = Deferred.fromCoroutine(self._replica_put_alone(node, key, record, hint_for))
+        else:
+            put = pipeline.submit(codec.PutOp(key, record, hint_for)).addCallback(self._put, node)
+        return put.addBoth(self._release, node, size)
 
     def _put(self, result: codec.Result, node: str) -> bool:
         if result.status != 200:

@@ -29,12 +29,16 @@ from typing import Any
 from shardkv.core.keys import MAX_KEY_BYTES, InvalidKey, check_key
 from shardkv.core.records import Record
 from shardkv.core.versions import Version, VersionError
+from shardkv.replica.protocol import InvalidContentType, check_content_type
 
 MAX_OPS = 64
 MAX_INLINE_VALUE = 64 * 1024
 MAX_INLINE_TOTAL = 1024 * 1024
 
 MAX_CONTENT_TYPE = 1024
+"""The longest content type that travels in a batch (longer ones, still within
+L{shardkv.replica.protocol.check_content_type}'s bound, go on their own)."""
+
 _MAX_OP_OVERHEAD = 6 * (2 * MAX_KEY_BYTES + MAX_CONTENT_TYPE) + 512
 MAX_REQUEST_BYTES = MAX_OPS * (_MAX_OP_OVERHEAD + 4 * MAX_INLINE_VALUE // 3 + 4)
 """The largest body a proxy sends: every key and hint target JSON-escaped at
@@ -82,9 +86,13 @@ class Result:
 
 def fits(record: Record) -> bool:
     """May this record travel in a batch? Larger ones go on their own."""
-    return len(record.value) <= MAX_INLINE_VALUE and (
-        len(record.content_type) <= MAX_CONTENT_TYPE and record.content_type.isascii()
-    )
+    if len(record.value) > MAX_INLINE_VALUE or len(record.content_type) > MAX_CONTENT_TYPE:
+        return False
+    try:
+        check_content_type(record.content_type)
+    except InvalidContentType:
+        return False
+    return True
 
 
 def _record_json(record: Record) -> dict[str, Any]:
@@ -103,13 +111,20 @@ def _record(raw: Any) -> Record:
     ctype, tombstone = raw.get("content_type"), raw.get("tombstone")
     if not isinstance(version, str) or not isinstance(value, str):
         raise BatchError("a record needs a string version and a base64 string value")
-    if not isinstance(ctype, str) or not ctype.isascii() or len(ctype) > MAX_CONTENT_TYPE:
-        raise BatchError(f"a record's content_type must be ASCII, at most {MAX_CONTENT_TYPE}")
+    if not isinstance(ctype, str) or len(ctype) > MAX_CONTENT_TYPE:
+        raise BatchError(f"a record's content_type must be a string of at most {MAX_CONTENT_TYPE}")
+    try:
+        check_content_type(ctype)
+    except InvalidContentType as e:
+        raise BatchError(f"a record's content_type is refused: {e}") from None
     if not isinstance(tombstone, bool):
         raise BatchError("a record's tombstone must be true or false")
     try:
         return Record(
-            Version.parse(version), base64.b64decode(value, validate=True), ctype, tombstone
+            Version.parse(version),
+            base64.b64decode(value, validate=True),
+            ctype,
+            tombstone,
         )
     except (VersionError, ValueError) as e:
         raise BatchError(f"a record is malformed: {e}") from None

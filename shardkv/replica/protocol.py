@@ -20,9 +20,10 @@ operations in one exchange (L{shardkv.replica.codec}).
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote
 
-from shardkv.core.records import Record
+from shardkv.core.records import DEFAULT_CONTENT_TYPE, Record
 from shardkv.core.versions import Version
 
 REPLICA_KV_PREFIX = "/replica/kv/"
@@ -32,6 +33,43 @@ HEALTH_PATH = "/health"
 VERSION_HEADER = b"X-Shardkv-Version"
 TOMBSTONE_HEADER = b"X-Shardkv-Tombstone"
 HINT_FOR = "hint_for"
+
+MAX_CONTENT_TYPE = 16 * 1024
+"""The longest Content-Type a record may carry, in characters: as long as any
+header line twisted.web takes, so whatever a client could send is bounded
+here and never refused later, on the way to a replica."""
+_CONTENT_TYPE = re.compile(r"[\x20-\x7e\t]*")
+
+
+class InvalidContentType(ValueError):
+    """A content type no record may carry."""
+
+
+def check_content_type(content_type: str) -> str:
+    """``content_type`` if a record may carry it, else L{InvalidContentType}.
+
+    The one rule for every entry (the data API's PUT, a replica PUT's header,
+    a batch record): printable ASCII, at most L{MAX_CONTENT_TYPE} characters.
+    A stored content type is sent back as a header, so anything else would
+    make every later read of the key fail, on this node and, once read repair
+    copied it, on every replica.
+    """
+    if len(content_type) > MAX_CONTENT_TYPE:
+        raise InvalidContentType(
+            f"the Content-Type is {len(content_type)} characters; the limit is {MAX_CONTENT_TYPE}"
+        )
+    if _CONTENT_TYPE.fullmatch(content_type) is None:
+        raise InvalidContentType("the Content-Type header is not printable ASCII")
+    return content_type
+
+
+def wire_content_type(content_type: str) -> bytes:
+    """The header value for a stored content type; one stored before the rule
+    existed and breaking it is sent as the default, so the key stays readable."""
+    try:
+        return check_content_type(content_type).encode("ascii")
+    except InvalidContentType:
+        return DEFAULT_CONTENT_TYPE.encode("ascii")
 
 
 def key_path(key: str, prefix: str = REPLICA_KV_PREFIX) -> str:
@@ -51,18 +89,39 @@ def record_headers(record: Record) -> dict[bytes, bytes]:
     return {
         VERSION_HEADER: str(record.version).encode(),
         TOMBSTONE_HEADER: b"1" if record.tombstone else b"0",
-        b"Content-Type": record.content_type.encode("ascii"),
+        b"Content-Type": wire_content_type(record.content_type),
     }
 
 
 def record_from_headers(
-    version: bytes | None, tombstone: bytes | None, content_type: bytes | None, value: bytes
+    version: bytes | None,
+    tombstone: bytes | None,
+    content_type: bytes | None,
+    value: bytes,
+    strict: bool = False,
 ) -> Record:
-    """The record that L{record_headers} and a body describe; L{VersionError} if the
-    version does not parse."""
-    return Record(
-        Version.parse((version or b"").decode("latin-1")),
-        value,
-        (content_type or b"").decode("ascii", "replace"),
-        tombstone == b"1",
-    )
+    """The record that L{record_headers} and a body describe.
+
+    L{VersionError} if the version does not parse (whether a node may store
+    it is for L{shardkv.core.versions.check_incoming} to say). A content
+    type that breaks L{check_content_type} raises L{InvalidContentType} when
+    ``strict`` (a node taking a write), and otherwise (a caller reading a
+    node's answer) reads as the default, so that a bad copy stored before
+    the rule existed cannot break the reader.
+    """
+    parsed = Version.parse((version or b"").decode("latin-1"))
+    try:
+        raw = content_type or b""
+        if len(raw) > MAX_CONTENT_TYPE:
+            raise InvalidContentType(
+                f"the Content-Type is {len(raw)} bytes; the limit is {MAX_CONTENT_TYPE}"
+            )
+        try:
+            text = check_content_type(raw.decode("ascii"))
+        except UnicodeDecodeError:
+            raise InvalidContentType("the Content-Type header is not ASCII") from None
+    except InvalidContentType:
+        if strict:
+            raise
+        text = DEFAULT_CONTENT_TYPE
+    return Record(parsed, value, text, tombstone == b"1")

@@ -24,6 +24,7 @@ from shardkv.core.placement import Ring
 from shardkv.core.quorum import QuorumSizes
 from shardkv.core.versions import VersionClock
 from shardkv.node.app import NodeApp
+from shardkv.node.members import Members
 from shardkv.node.store import NodeStore
 from shardkv.proxy.app import ProxyApp
 from shardkv.proxy.coordinator import Coordinator
@@ -34,12 +35,22 @@ from shardkv.storage.memory import MemoryEngine
 from shardkv.web.dataroutes import DEFAULT_MAX_VALUE_BYTES
 
 
-def make_node(node_id: str, clock: MemoryReactorClock, offset_ms: int = 0) -> NodeApp:
+def make_node(
+    node_id: str,
+    clock: MemoryReactorClock,
+    offset_ms: int = 0,
+    members: Iterable[str] | None = None,
+) -> NodeApp:
+    """A node on a memory engine; ``members`` as ``twistd shardkv cluster`` would give them."""
+
     def now_ms() -> int:
         return int(clock.seconds() * 1000) + offset_ms
 
     versions = VersionClock(node_id, now_ms)
-    return NodeApp(NodeStore(node_id, MemoryEngine(), versions, DEFAULT_MAX_VALUE_BYTES, now_ms))
+    store = NodeStore(
+        node_id, MemoryEngine(), versions, DEFAULT_MAX_VALUE_BYTES, now_ms, Members(members)
+    )
+    return NodeApp(store)
 
 
 PROXY_WRITER = "proxy-test"
@@ -102,10 +113,11 @@ class MemoryCluster:
         """``ring`` may be passed in to share one between clusters (building one
         takes a few tenths of a second); it must place exactly ``node_ids``."""
         self.clock = MemoryReactorClock()
-        self.nodes = {n: make_node(n, self.clock) for n in node_ids}
+        node_ids = list(node_ids)
+        self.nodes = {n: make_node(n, self.clock, members=node_ids) for n in node_ids}
         self.dispatch = HostDispatch()
         for node_id, app in self.nodes.items():
-            self.dispatch.hosts[node_id.encode()] = app.app.resource()
+            self.dispatch.hosts[node_id.encode()] = app.resource()
         self.node_http = StubTreq(self.dispatch)
         self.network = FaultyHTTP(self.node_http)
         self.replica_client = ReplicaClient(self.network, self.clock, timeout, pipeline_depth)
@@ -124,4 +136,4 @@ class MemoryCluster:
             QuorumSizes(replicas, r, w),
         )
         self.proxy_app = ProxyApp(self.coordinator, DEFAULT_MAX_VALUE_BYTES)
-        self.proxy = StubTreq(self.proxy_app.app.resource())
+        self.proxy = StubTreq(self.proxy_app.resource())

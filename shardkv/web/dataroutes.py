@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Callable
 from typing import Any, Protocol, TypeAlias, TypeVar, Union
 
@@ -24,7 +25,7 @@ from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 from werkzeug.routing import BaseConverter
 
-from shardkv.core.conditions import Precondition, parse_etags
+from shardkv.core.conditions import Precondition, parse_etag, parse_etags
 from shardkv.core.keys import check_key, key_from_bytes, key_from_path
 from shardkv.core.quorum import Consistency
 from shardkv.core.records import DEFAULT_CONTENT_TYPE, Record
@@ -32,7 +33,13 @@ from shardkv.core.versions import Version, VersionError
 from shardkv.core.writes import WriteResult
 from shardkv.errors import InvalidRequest, NotFound, ValueTooLarge
 from shardkv.replica import codec
-from shardkv.replica.protocol import BATCH_PATH, REPLICA_KV_PREFIX
+from shardkv.replica.protocol import (
+    BATCH_PATH,
+    REPLICA_KV_PREFIX,
+    InvalidContentType,
+    check_content_type,
+    wire_content_type,
+)
 from shardkv.web.errors import json_body
 
 T = TypeVar("T")
@@ -43,6 +50,9 @@ DEFAULT_MAX_VALUE_BYTES = 1 << 20
 JSON_ENVELOPE_SLACK = 16 << 10
 SMALL_BODY_LIMIT = 16 << 10
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+_QUORUM_NUMBER = re.compile(rb"[0-9]{1,9}")
+"""R and W: ASCII digits only (bytes.isdigit agrees, but int() refuses past
+4,300 digits); nine are far more than any cluster's N."""
 
 
 class KVBackend(Protocol):
@@ -128,10 +138,10 @@ def _quorum_number(request: IRequest, name: bytes) -> int | None:
     raw = request.args.get(name, [None])[0] or request.getHeader(b"x-shardkv-" + name)
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) < 1:
+    if _QUORUM_NUMBER.fullmatch(raw) is None or int(raw) < 1:
+        shown = raw[:40].decode("latin-1") + ("..." if len(raw) > 40 else "")
         raise InvalidRequest(
-            f"{name.decode()} must be a positive whole number, not {raw.decode('latin-1')!r}",
-            "invalid_quorum",
+            f"{name.decode()} must be a positive whole number, not {shown!r}", "invalid_quorum"
         )
     return int(raw)
 
@@ -150,6 +160,10 @@ def _json_object(request: IRequest) -> dict[str, Any]:
         body = json.loads(request.content.read())
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"the body is not valid JSON: {e}", "invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest(
+            "the body is not valid JSON: nested too deep", "invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object", "invalid_json")
     return body
@@ -163,36 +177,47 @@ def _json_key(body: dict[str, Any]) -> str:
 
 
 def _json_precondition(body: dict[str, Any]) -> Precondition:
-    """The seed API's optional ``"version"`` field, meaning If-Match."""
+    """The seed API's optional ``"version"`` field, meaning If-Match.
+
+    It holds an entity tag, usually bare as the API writes it: a well-formed
+    tag that is no version of ours can never match (412 from the write rule);
+    only a value that is not an entity tag is refused here.
+    """
     version = body.get("version")
     if version is None:
         return Precondition()
     if not isinstance(version, str):
         raise InvalidRequest('"version" must be a string (an ETag from a read)', "invalid_version")
     try:
-        return Precondition(if_match=frozenset([Version.parse(version)]))
+        tag = parse_etag(version, bare_opaque=True)
     except VersionError as e:
         raise InvalidRequest(str(e), "invalid_version") from None
+    if isinstance(tag, Version):
+        return Precondition(if_match=frozenset([tag]))
+    return Precondition(other_tags=frozenset([tag]))
 
 
 def header_precondition(request: IRequest) -> Precondition:
     """If-Match / If-None-Match: * from a write request."""
     try:
-        match_any, match = False, frozenset[Version]()
+        match_any, match, others = False, frozenset[Version](), frozenset[str]()
         raw = request.getHeader(b"if-match")
         if raw is not None:
-            match_any, match = parse_etags(raw.decode("latin-1"))
+            tags = parse_etags(raw.decode("latin-1"))
+            match_any, match, others = tags.any, tags.versions, tags.others
         none_any = False
         raw = request.getHeader(b"if-none-match")
         if raw is not None:
-            none_any, _ = parse_etags(raw.decode("latin-1"))
+            none_any = parse_etags(raw.decode("latin-1")).any
             if not none_any:
                 raise InvalidRequest(
                     "only If-None-Match: * is supported on writes", "invalid_precondition"
                 )
     except VersionError as e:
         raise InvalidRequest(f"bad entity tag: {e}", "invalid_precondition") from None
-    return Precondition(if_match=match, match_any=match_any, none_match_any=none_any)
+    return Precondition(
+        if_match=match, match_any=match_any, none_match_any=none_any, other_tags=others
+    )
 
 
 def _none_match(header: bytes | None, version: Version) -> bool:
@@ -216,10 +241,11 @@ def _content_type(request: IRequest) -> str:
     if raw is None:
         return DEFAULT_CONTENT_TYPE
     try:
-        text: str = raw.decode("ascii")
+        return check_content_type(raw.decode("ascii"))
     except UnicodeDecodeError:
         raise InvalidRequest("the Content-Type header is not ASCII") from None
-    return text
+    except InvalidContentType as e:
+        raise InvalidRequest(str(e)) from None
 
 
 def _check_size(value: bytes, limit: int) -> None:
@@ -301,7 +327,7 @@ def install_data_routes(app: Klein) -> None:
             if _none_match(request.getHeader(b"if-none-match"), record.version):
                 request.setResponseCode(304)
                 return b""
-            request.setHeader(b"content-type", record.content_type.encode("ascii"))
+            request.setHeader(b"content-type", wire_content_type(record.content_type))
             return record.value
 
         return _then(self.backend(request).read(key), render)

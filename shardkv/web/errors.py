@@ -23,9 +23,11 @@ from werkzeug.exceptions import NotFound as NoRoute
 from shardkv.core.keys import InvalidKey, KeyTooLong
 from shardkv.core.records import CorruptRecord
 from shardkv.errors import (
+    Forbidden,
     InvalidHintTarget,
     InvalidRequest,
     NotFound,
+    Overloaded,
     PreconditionFailed,
     QuorumTimeout,
     QuorumUnavailable,
@@ -33,6 +35,7 @@ from shardkv.errors import (
     ShardkvError,
     StorageError,
     StorageFull,
+    Unauthorized,
     ValueTooLarge,
 )
 
@@ -50,11 +53,14 @@ STATUS: dict[type[ShardkvError], int] = {
     PreconditionFailed: 412,
     QuorumUnavailable: 503,
     QuorumTimeout: 504,
+    Overloaded: 503,
     CorruptRecord: 503,
     StorageError: 503,
     StorageFull: 507,
     InvalidHintTarget: 400,
     ReplicaCallFailed: 502,
+    Unauthorized: 401,
+    Forbidden: 403,
 }
 """The one place where a domain error becomes an HTTP status. The most
 specific class listed wins; a domain error not listed here is a 500."""
@@ -94,6 +100,9 @@ def install_error_handlers(app: Klein) -> None:
         err = failure.value
         assert isinstance(err, ShardkvError)
         status = status_for(err)
+        retry_after = getattr(err, "retry_after", None)
+        if retry_after is not None:
+            request.setHeader(b"retry-after", b"%d" % retry_after)
         if status == 500:
             log.failure(
                 "unmapped {code} handling {path}", failure, code=err.code, path=request.path

@@ -1,50 +1,115 @@
-"""The HTTP server side shared by nodes and the proxy.
+"""The HTTP server side shared by nodes and the proxy: limits applied before any work is done.
 
 Twisted's C{Request} buffers any body it is sent (to a temporary file above
 100 kB) and only then lets a resource look at it. L{LimitedRequest} refuses an
-oversized body from its ``Content-Length``, or as soon as a chunked body passes
-the limit, so a node never stores a gigabyte it will reject anyway.
+oversized body from its ``Content-Length``, or as soon as a chunked body
+announces or passes the limit, so a node never stores a gigabyte it will
+reject anyway. It also admits each body against the process's budget of
+request bytes in flight (L{Admission}): past it, ``503 overloaded`` with
+``Retry-After`` straight away, before any of the body is buffered.
+
+L{QuietSite} caps live connections (past the cap a new connection is closed
+at once), fits the process's open-file limit to that cap, and closes
+connections whose request headers do not arrive within ``header_timeout``.
+The protocol-level answers themselves are L{shardkv.web.channel}'s.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any
+import resource as rlimits
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from shardkv.web.errors import JSON
+from shardkv.web.channel import LINGER_SECONDS, FrontDoorChannel
+from shardkv.web.errors import JSON, json_body
+
+__all__ = [
+    "DEFAULT_HEADER_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "LINGER_SECONDS",
+    "NODE_MAX_INFLIGHT_BYTES",
+    "PROXY_MAX_INFLIGHT_BYTES",
+    "Admission",
+    "BodyLimit",
+    "DescriptorBudget",
+    "LimitedRequest",
+    "QuietSite",
+    "make_site",
+]
+
+log = Logger(namespace="shardkv.web")
 
 BodyLimit = Callable[[bytes, bytes], int]
 """Maps (method, raw path) to the largest body that request may carry."""
 
-LINGER_SECONDS = 5.0
+DEFAULT_HEADER_TIMEOUT = 10.0
+"""Seconds a request's head may take, from its first byte (from the connection's start
+for the first request on a connection)."""
+DEFAULT_MAX_CONNECTIONS = 1024
+"""Live connections per site; past it, a new connection is closed at once."""
+PROXY_MAX_INFLIGHT_BYTES = 64 << 20
+"""Request-body bytes a proxy holds at once: 64 one-MiB PUTs."""
+NODE_MAX_INFLIGHT_BYTES = 256 << 20
+"""Request-body bytes a node holds at once: room for several proxies' full batches."""
+DESCRIPTOR_HEADROOM = 64
+"""Descriptors a site needs besides its client connections: listening sockets,
+outgoing calls to peers, LMDB's files. A proxy adds its connection pool."""
 
 
-def _raw_response(status: int, reason: bytes, payload: dict[str, str]) -> bytes:
-    body = json.dumps(payload).encode("utf-8") + b"\n"
-    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-    return head % (status, reason, JSON, len(body)) + body
+class Admission:
+    """The request-body bytes one process holds, against a cap.
+
+    A body is admitted whole from its ``Content-Length`` (or chunk by chunk
+    as a chunked body announces them) and released when its request
+    finishes or its connection is lost. When nothing is in flight, one body
+    is admitted whatever its size, so a cap below the body limit cannot
+    starve a request forever.
+    """
+
+    __slots__ = ("inflight", "limit", "refused")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.inflight = 0
+        self.refused = 0
+
+    def admit(self, size: int) -> bool:
+        if self.inflight and self.inflight + size > self.limit:
+            self.refused += 1
+            return False
+        self.inflight += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.inflight -= size
 
 
 class LimitedRequest(Request):
-    """A request that refuses a body larger than its route allows.
+    """A request that refuses a body larger than its route allows, or than the process can hold.
 
     The answer is written straight to the transport because the request has
-    not been dispatched yet. The write side is then closed while the read side
-    keeps draining (a "lingering close", as nginx does), so the client reads
-    the 413 rather than a connection reset; a timer ends the drain.
+    not been dispatched yet; the channel then closes the write side while
+    the read side keeps draining (a "lingering close"), so the client reads
+    the 413 or 503 rather than a connection reset.
     """
 
     body_limit: BodyLimit = staticmethod(lambda method, path: 1 << 20)
+    admission: Admission | None = None
 
     def __init__(self, channel: HTTPChannel, queued: object = None) -> None:
         super().__init__(channel, parsePOSTFormSubmission=False)
         self._limit = 0
         self._received = 0
+        self._admitted = 0
         self._refused = False
 
     def gotLength(self, length: int | None) -> None:
@@ -53,46 +118,109 @@ class LimitedRequest(Request):
         method = getattr(self.channel, "_command", b"")
         path = getattr(self.channel, "_path", b"").split(b"?", 1)[0]
         self._limit = self.body_limit(method, path)
-        if length is not None and length > self._limit:
-            self._refuse(length)
-            return
+        if length is None:
+            channel: Any = self.channel
+            channel.expect_chunks()
+        else:
+            if length > self._limit:
+                self._refuse_too_large(f"{length} bytes")
+                return
+            if length and not self._admit(length):
+                return
         super().gotLength(length)
+
+    def chunk_announced(self, size: int) -> bool:
+        """A chunked body announced a chunk of ``size``; False if that refused the request."""
+        if self._refused:
+            return False
+        if self._admitted + size > self._limit:
+            self._refuse_too_large("more than that")
+            return False
+        return self._admit(size)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
             return
         self._received += len(data)
-        if self._received > self._limit:
-            self._refuse(None)
-            return
+        if self._received > self._admitted:
+            if self._received > self._limit:
+                self._refuse_too_large("more than that")
+                return
+            if not self._admit(self._received - self._admitted):
+                return
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if not self._refused:
             super().requestReceived(command, path, version)
 
-    def _refuse(self, length: int | None) -> None:
+    def process(self) -> None:
+        if self.path != b"*":
+            super().process()
+            return
+        # twisted.web answers the asterisk-form target itself, a 405 with no body.
+        self.site = cast(Any, self.channel).site
+        if self.method == b"OPTIONS":
+            self.setResponseCode(200)
+            self.setHeader(b"content-length", b"0")
+            self.finish()
+            return
+        self.setHeader(b"allow", b"OPTIONS")
+        method = self.method.decode("ascii", "replace")
+        payload = {
+            "error": "method_not_allowed",
+            "message": f"{method} * is not allowed; use OPTIONS",
+        }
+        self.write(json_body(self, 405, payload))
+        self.finish()
+
+    def finish(self) -> None:
+        self._release()
+        super().finish()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._release()
+        super().connectionLost(reason)
+
+    def _admit(self, size: int) -> bool:
+        admission = self.admission
+        if admission is not None and not admission.admit(size):
+            self._refuse(
+                503,
+                "overloaded",
+                f"this server holds {admission.limit} bytes of request bodies at most and is "
+                "full; retry shortly",
+                [(b"Retry-After", b"1")],
+            )
+            return False
+        self._admitted += size
+        return True
+
+    def _release(self) -> None:
+        if self._admitted:
+            if self.admission is not None:
+                self.admission.release(self._admitted)
+            self._admitted = 0
+
+    def _refuse_too_large(self, size: str) -> None:
+        self._refuse(
+            413,
+            "payload_too_large",
+            f"the request body may be at most {self._limit} bytes; it was {size}",
+        )
+
+    def _refuse(
+        self, status: int, code: str, message: str, headers: Iterable[tuple[bytes, bytes]] = ()
+    ) -> None:
         self._refused = True
+        self._release()
         if self.content is not None:
             self.content.close()
         self.content = None
         # Stop twisted.web from sending "100 Continue" after our answer.
         self.requestHeaders.removeHeader(b"expect")
-        size = f"{length} bytes" if length is not None else "more than that"
-        payload = {
-            "error": "payload_too_large",
-            "message": f"the request body may be at most {self._limit} bytes; it was {size}",
-        }
-        channel = self.channel
-        transport: Any = channel.transport
-        transport.write(_raw_response(413, b"Payload Too Large", payload))
-        channel.persistent = False
-        lose_write = getattr(transport, "loseWriteConnection", None)
-        if lose_write is not None:
-            lose_write()
-            channel.callLater(LINGER_SECONDS, transport.abortConnection)
-        else:
-            transport.loseConnection()
+        channel: Any = self.channel
+        channel.refuse(status, code, message, headers)
 
 
 class _Utf8Guard(Resource):
@@ -119,24 +247,187 @@ class _Utf8Guard(Resource):
         return self._inner.render(request)
 
 
+class DescriptorBudget:
+    """The process's open-file limit, shared by every site in it (a cluster runs four).
+
+    Each site reserves its connection cap plus headroom when it starts
+    listening. The soft ``RLIMIT_NOFILE`` is raised towards the hard limit to
+    fit every reservation, as Redis does for ``maxclients``; when it cannot
+    be, the site gets a smaller cap and one log line says so. Either way the
+    process does not run out of descriptors (EMFILE), which would stop it
+    accepting anyone.
+    """
+
+    BASE = 64
+    """Descriptors open whatever the sites do: stdio, the log, epoll, the thread pool's pipes."""
+
+    def __init__(
+        self,
+        getrlimit: Callable[[int], tuple[int, int]] = rlimits.getrlimit,
+        setrlimit: Callable[[int, tuple[int, int]], None] = rlimits.setrlimit,
+    ) -> None:
+        self._get = getrlimit
+        self._set = setrlimit
+        self.reserved = self.BASE
+
+    def reserve(self, connections: int, headroom: int) -> int:
+        """Reserve room for ``connections`` plus ``headroom``; the connections granted."""
+        needed = self.reserved + connections + headroom
+        soft, hard = self._get(rlimits.RLIMIT_NOFILE)
+        if soft != rlimits.RLIM_INFINITY and needed > soft:
+            target = needed if hard == rlimits.RLIM_INFINITY else min(needed, hard)
+            if target > soft:
+                try:
+                    self._set(rlimits.RLIMIT_NOFILE, (target, hard))
+                    soft = target
+                except (OSError, ValueError):
+                    pass
+        granted = connections
+        if soft != rlimits.RLIM_INFINITY:
+            granted = max(1, min(connections, soft - self.reserved - headroom))
+        if granted < connections:
+            log.warn(
+                "the open-file limit ({soft}, hard {hard}) fits {granted} connections, not "
+                "--max-connections {connections}; serving at most {granted} (raise it with "
+                "ulimit -n {needed})",
+                soft=soft,
+                hard=hard,
+                granted=granted,
+                connections=connections,
+                needed=needed,
+            )
+        self.reserved += granted + headroom
+        return granted
+
+    def release(self, granted: int, headroom: int) -> None:
+        self.reserved -= granted + headroom
+
+
+DESCRIPTORS = DescriptorBudget()
+"""This process's budget (the limit is per process, so is this)."""
+
+
+class _TurnAway(Protocol):
+    """Closes a connection past the cap at once.
+
+    Returning None from C{buildProtocol} closes a plain TCP connection, but a
+    TLS listener's wrapper needs a protocol to wrap, so the site returns this.
+    """
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.loseConnection()
+
+
 class QuietSite(Site):
-    """A Site whose per-request access log is optional.
+    """A Site with front-door limits and an optional per-request access log.
 
     Twisted logs every request by default, which costs 15-27 % of a node's
     throughput on this stack; operators turn it on with ``--access-log``.
+    ``channels`` holds the live connections; ``connection_limit`` is the cap
+    in force (``max_connections``, or less if the open-file limit is lower).
     """
 
+    protocol = FrontDoorChannel  # type: ignore[assignment]
     access_log = False
+
+    def __init__(
+        self,
+        resource: Resource,
+        requestFactory: Any,
+        *,
+        reactor: Any = None,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        admission: Admission | None = None,
+        descriptor_headroom: int = DESCRIPTOR_HEADROOM,
+        descriptors: DescriptorBudget | None = None,
+    ) -> None:
+        super().__init__(resource, requestFactory=requestFactory, reactor=reactor)
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.connection_limit = max_connections
+        self.admission = admission if admission is not None else Admission(1 << 62)
+        self.descriptor_headroom = descriptor_headroom
+        self._descriptors = descriptors if descriptors is not None else DESCRIPTORS
+        self._granted = 0
+        self.channels: set[FrontDoorChannel] = set()
+        self.turned_away = 0
+        """Connections closed at once because the cap was reached."""
+        self._sweep: LoopingCall | None = None
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Request-body bytes admitted and not yet released, across this site's connections."""
+        return self.admission.inflight
 
     def log(self, request: Any) -> None:
         if self.access_log:
             super().log(request)
 
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        if len(self.channels) >= self.connection_limit:
+            self.turned_away += 1
+            return _TurnAway()
+        channel: FrontDoorChannel = super().buildProtocol(addr)
+        channel.header_timeout = self.header_timeout
+        channel.now = self.reactor.seconds
+        channel.on_lost = self.channels.discard
+        self.channels.add(channel)
+        return channel
 
-def make_site(resource: Resource, body_limit: BodyLimit, access_log: bool = False) -> Site:
-    """A Site that limits bodies by route and answers errors in JSON."""
-    request_class = type("Request", (LimitedRequest,), {"body_limit": staticmethod(body_limit)})
-    site = QuietSite(_Utf8Guard(resource), requestFactory=request_class)
+    def startFactory(self) -> None:
+        super().startFactory()
+        self._granted = self._descriptors.reserve(self.max_connections, self.descriptor_headroom)
+        self.connection_limit = self._granted
+        self._sweep = LoopingCall(self._close_slow_heads)
+        self._sweep.clock = self.reactor
+        self._sweep.start(min(1.0, self.header_timeout / 4), now=False)
+
+    def stopFactory(self) -> None:
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
+        self._sweep = None
+        self._descriptors.release(self._granted, self.descriptor_headroom)
+        self._granted = 0
+        super().stopFactory()
+
+    def _close_slow_heads(self) -> None:
+        deadline = self.reactor.seconds() - self.header_timeout
+        late = [
+            c for c in self.channels if c.head_started is not None and c.head_started <= deadline
+        ]
+        for channel in late:
+            channel.header_timed_out()
+
+
+def make_site(
+    resource: Resource,
+    body_limit: BodyLimit,
+    access_log: bool = False,
+    *,
+    reactor: Any = None,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_inflight_bytes: int = NODE_MAX_INFLIGHT_BYTES,
+    descriptor_headroom: int = DESCRIPTOR_HEADROOM,
+) -> QuietSite:
+    """A Site that limits bodies by route, connections, slow heads and bodies in flight."""
+    admission = Admission(max_inflight_bytes)
+    request_class = type(
+        "Request",
+        (LimitedRequest,),
+        {"body_limit": staticmethod(body_limit), "admission": admission},
+    )
+    site = QuietSite(
+        _Utf8Guard(resource),
+        request_class,
+        reactor=reactor,
+        header_timeout=header_timeout,
+        max_connections=max_connections,
+        admission=admission,
+        descriptor_headroom=descriptor_headroom,
+    )
     site.access_log = access_log
     site.displayTracebacks = False
     return site

@@ -15,7 +15,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shardkv.core.versions import Version, VersionClock, VersionError
+from shardkv.core.versions import (
+    MAX_COUNTER,
+    MAX_FUTURE_MS,
+    Version,
+    VersionClock,
+    VersionError,
+    check_incoming,
+)
 from tests.core.helpers import NINETY_SECONDS_MS, PROPERTY, V1, Wall, versions
 
 
@@ -166,7 +173,7 @@ def test_clock_never_repeats(start: int, moves: list[tuple[int, Version | None]]
         v = clock.mint(prior)
         if prior is not None:
             assert v > prior
-            assert v.counter == prior.counter + 1
+            assert v.counter == min(prior.counter + 1, MAX_COUNTER)
         else:
             assert v.counter == 1
         assert v.clock_ms >= max(wall.ms, 0)
@@ -203,3 +210,76 @@ def test_skewed_writers_always_move_a_key_forward(
         v = (a if use_a else b).mint(last)
         assert last is None or v > last
         last = v
+
+
+NOW_MS = 1_800_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("counter", "clock_ms"),
+    [
+        (2**64 - 1, 0),
+        (MAX_COUNTER + 1, 0),
+        (1, NOW_MS + MAX_FUTURE_MS + 1),
+        (1, 2**64 - 1),
+        (MAX_COUNTER, 2**64 - 1),
+    ],
+)
+def test_versions_out_of_range_are_refused_where_they_enter(counter: int, clock_ms: int) -> None:
+    """
+    The record format holds 64-bit numbers, but a node refuses a counter
+    above 2^63 or a clock far in its future: from 2^64 - 1 nothing newer
+    could be minted, and every later write of that key would fail.
+    """
+    with pytest.raises(VersionError, match="out of range"):
+        check_incoming(Version(counter, clock_ms, "attacker"), NOW_MS)
+
+
+def test_versions_at_the_limits_enter() -> None:
+    version = Version(MAX_COUNTER, NOW_MS + MAX_FUTURE_MS, "w")
+    assert check_incoming(version, NOW_MS) is version
+    assert check_incoming(Version(1, MAX_FUTURE_MS, "w"), -5)
+
+
+def test_at_the_cap_the_counter_stays_and_the_clock_decides() -> None:
+    seen = Version(MAX_COUNTER, NOW_MS + MAX_FUTURE_MS, "z" * 128)
+    minted = VersionClock("p", Wall(NOW_MS)).mint(seen)
+    assert minted == Version(MAX_COUNTER, NOW_MS + MAX_FUTURE_MS + 1, "p")
+    assert minted > seen
+
+
+@PROPERTY
+@given(
+    counter=st.integers(min_value=1, max_value=MAX_COUNTER),
+    ahead_ms=st.integers(min_value=-NOW_MS, max_value=MAX_FUTURE_MS),
+    writer=st.sampled_from(["a", "z" * 128, "p"]),
+    steps=st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=20),
+)
+def test_every_version_that_enters_has_successors_that_enter(
+    counter: int, ahead_ms: int, writer: str, steps: list[int]
+) -> None:
+    """
+    Closure, the property that keeps a key usable: from any version a node
+    takes, a writer mints a newer one, and a node takes that too (each node
+    checks against its own clock, which moves on between writes, here by 0
+    to 5 ms), however many writes follow. No version that can enter pins a key.
+    """
+    now = Wall(NOW_MS)
+    clock = VersionClock("p", now)
+    held = check_incoming(Version(counter, NOW_MS + ahead_ms, writer), now.ms)
+    for step in steps:
+        now.ms += step
+        minted = clock.mint(held)
+        assert minted > held
+        now.ms += 1
+        held = check_incoming(minted, now.ms)
+
+
+def test_mint_never_fails_for_a_version_that_can_enter() -> None:
+    for seen in [
+        Version(MAX_COUNTER - 1, 0, "w"),
+        Version(MAX_COUNTER, 0, "w"),
+        Version(MAX_COUNTER, NOW_MS + MAX_FUTURE_MS, "w"),
+    ]:
+        for wall in [-(2**64), 0, NOW_MS, 2**62]:
+            assert VersionClock("n1", Wall(wall)).mint(seen) > seen

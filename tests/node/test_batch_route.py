@@ -10,18 +10,22 @@ memory engine that can be told to fail chosen keys.
 
 from __future__ import annotations
 
+import gc
 import json
 
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 
 from shardkv.core.records import CorruptRecord, Record
 from shardkv.core.versions import VersionClock
 from shardkv.errors import ReplicaRefused, StorageError, StorageFailed, StorageFull
 from shardkv.node.app import NodeApp
+from shardkv.node.members import Members
 from shardkv.node.store import NodeStore
 from shardkv.replica.codec import (
     MAX_INLINE_TOTAL,
@@ -32,6 +36,7 @@ from shardkv.replica.codec import (
     Op,
     PutOp,
     Result,
+    encode_request,
 )
 from shardkv.storage.memory import MemoryEngine
 from shardkv.web.dataroutes import DEFAULT_MAX_VALUE_BYTES, body_limit_for
@@ -75,7 +80,8 @@ class NodeBatchTests(OneNodeCase):
             return int(self.clock.seconds() * 1000)
 
         versions = VersionClock(NODE_ID, now_ms)
-        return NodeApp(NodeStore(NODE_ID, self.engine, versions, max_value_bytes, now_ms))
+        members = Members([NODE_ID, "127.0.0.1:8085"])
+        return NodeApp(NodeStore(NODE_ID, self.engine, versions, max_value_bytes, now_ms, members))
 
     def test_mixed_batch_gives_one_result_per_op(self) -> None:
         """
@@ -246,3 +252,42 @@ class NodeBatchTests(OneNodeCase):
             assert result.record is not None
             self.assertTrue(result.record.value.startswith(name.encode()))
         self.assertEqual(set(got[per:]), {Result(200, inline=False)})
+
+
+class HungEngine(MemoryEngine):
+    """A memory engine whose writes never commit (a node paused mid-fsync)."""
+
+    def put(self, key: str, record: Record) -> Deferred[bool]:
+        return Deferred()
+
+
+class CancelledBatchTests(SynchronousTestCase):
+    def test_a_client_that_hangs_up_mid_batch_leaves_no_unhandled_error(self) -> None:
+        """
+        When the caller goes away while a batch's writes wait for their
+        commit (a proxy paused with SIGSTOP, a hung-up client), the route's
+        Deferred is cancelled: every write in the batch is cancelled too, and
+        not one of them may end as "Unhandled error in Deferred" or as an
+        unexpected-error log, which is what a cancellation used to leave.
+        """
+        clock = MemoryReactorClock()
+        versions = VersionClock(NODE_ID, lambda: 0)
+        node = NodeApp(NodeStore(NODE_ID, HungEngine(), versions, 1024, lambda: 0))
+        site = make_site(node.app.resource(), body_limit_for(1024, replica_routes=True))
+        site.reactor = clock
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        assert channel is not None
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        body = encode_request(
+            [GetOp("missing")] + [PutOp(f"k{i}", Record(V1, b"x")) for i in range(38)]
+        )
+        channel.dataReceived(
+            b"POST /replica/batch HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (NODE_ID.encode(), len(body), body)
+        )
+        self.assertEqual(transport.value(), b"", "answered before the writes committed")
+        channel.connectionLost(Failure(ConnectionDone("the client hung up")))
+        del channel
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])

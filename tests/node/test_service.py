@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import pytest
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
@@ -30,7 +30,9 @@ from shardkv.replica import codec
 from shardkv.storage.engine import StorageEngine
 from shardkv.storage.memory import MemoryEngine
 from shardkv.web.httpclient import HTTPClientService
+from shardkv.web.listening import ListeningService
 from shardkv.web.site import LimitedRequest, QuietSite
+from tests.tlscerts import CA, speaks_tls
 
 NODE_ID = "127.0.0.1:9001"
 ENDPOINTS = ["tcp:9001:interface=127.0.0.1", "tcp:9002:interface=127.0.0.2"]
@@ -189,7 +191,7 @@ def test_engine_stays_open_until_a_handoff_in_flight_gives_up(
     engine = RecordingEngine(reactor)
     record = Record(Version(1, 1, "proxy-test"), b"v", "text/plain", stored_ms=1)
     assert engine.put_hint("127.0.0.1:9100", "k", record).called
-    service = build(reactor, engine, peer_timeout=0.5)
+    service = build(reactor, engine, peer_timeout=0.5, members=["127.0.0.1:9100"])
     service.startService()
     assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 9100)]
     reactor.advance(0)  # let the tombstone pass finish, so only the handoff is out
@@ -266,8 +268,8 @@ def test_tree_has_client_timers_and_one_listener_per_endpoint(
         HTTPClientService,
         TimerService,
         TimerService,
-        StreamServerEndpointService,
-        StreamServerEndpointService,
+        ListeningService,
+        ListeningService,
     ]
     assert [timer.step for timer in timers(service)] == [5.0, 60.0]
     service.startService()
@@ -321,3 +323,33 @@ def test_site_takes_replica_bodies_and_logs_if_asked(reactor: MemoryReactorClock
     assert limit(b"PUT", b"/replica/kv/k") == 1234
     assert limit(b"POST", b"/replica/batch") == codec.MAX_REQUEST_BYTES
     assert site.access_log
+
+
+def test_ca_file_hands_hints_to_peers_over_tls(tmp_path: Any) -> None:
+    """
+    If the node is given a CA file, then it hands hints to its peers over
+    TLS; without one, in the clear: a hint names its target by id only, so
+    the node uses one scheme for every peer.
+    """
+    ca = str(CA.create(tmp_path / "ca").pem)
+    peer = "127.0.0.1:9002"
+    for ca_file, tls in [(ca, True), (None, False)]:
+        reactor = MemoryReactorClock()
+        engine = MemoryEngine()
+        service = make_node_service(
+            reactor=reactor,
+            node_id=NODE_ID,
+            engine=engine,
+            listen=[],
+            max_value_bytes=1024,
+            now_ms=lambda: 0,
+            members=[NODE_ID, peer],
+            ca_file=ca_file,
+        )
+        service.startService()
+        engine.put_hint(peer, "k", Record(Version(1, 1, "w"), b"v"))
+        reactor.advance(1.5)
+        assert [(port, speaks_tls(f, port)) for _, port, f, *_ in reactor.tcpClients] == [
+            (9002, tls)
+        ]
+        service.stopService()

@@ -16,6 +16,7 @@ from shardkv.core.conditions import Precondition
 from shardkv.core.records import CorruptRecord, Record
 from shardkv.core.versions import Version, VersionClock
 from shardkv.errors import NotFound, PreconditionFailed, StorageFull, ValueTooLarge
+from shardkv.node.members import Members
 from shardkv.node.store import NodeStore
 from shardkv.replica import codec
 from shardkv.storage.memory import MemoryEngine
@@ -70,7 +71,8 @@ class FaultyEngine(MemoryEngine):
 
 def store_over(engine: MemoryEngine) -> NodeStore:
     versions = VersionClock(NODE_ID, lambda: NOW_MS)
-    return NodeStore(NODE_ID, engine, versions, LIMIT, lambda: NOW_MS)
+    members = Members([NODE_ID, "127.0.0.1:8082", "127.0.0.1:8083"])
+    return NodeStore(NODE_ID, engine, versions, LIMIT, lambda: NOW_MS, members)
 
 
 def minted(counter: int, writer: str = "proxy-test") -> Record:

@@ -4,7 +4,10 @@ Tests of the proxy's view of which nodes are up (L{shardkv.proxy.health}).
 The unit tests drive a L{HealthMonitor} with a fake check and a
 C{twisted.internet.task.Clock}; the last ones watch it through the proxy,
 over a one-copy cluster whose owner fails, where "down" means requests for
-its keys fail at once until a health check finds it answering again.
+its keys fail at once until a health check finds it answering again. The
+rule under test: a refused or broken connection marks a node down at once; a
+slow answer (a request timeout, or a health check without an answer) never
+does, except that C{strikes} health checks in a row without an answer do.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -83,16 +86,21 @@ class HealthMonitorTests(SynchronousTestCase):
         )
         self.assertFalse(self.health.is_down(node))
 
-    def test_call_failed_marks_down_only_when_the_node_did_not_answer(self) -> None:
+    def test_call_failed_marks_down_only_a_refused_or_broken_connection(self) -> None:
         """
-        Only no answer at all (refused, broken, timed out) says a node is
-        down. A busy queue here, or an error the node answered with, says
-        nothing about the node: marking it down would take a working replica
-        out of every quorum until the next check.
+        Only a connection that was refused or broke says a node is down. A
+        timeout (the node, or this proxy, was slow under load), a busy queue
+        here, or an error the node answered with says nothing about the
+        node: marking it down would take a working replica out of every
+        quorum until the next check. (A timeout marked the node down before
+        overload was told apart from failure.)
         """
         node = NODES[1]
         answered_errors: list[BaseException | None] = [
+            NodeTimeout(node, 2.0),
+            NodeTimeout(node, 2.0, sent=False),
             NodeBusy(node, 64),
+            NodeBusy(node, 16 << 20, "bytes of records in flight"),
             ReplicaRefused(node, "insufficient_storage", "the disk is full"),
             BadReplicaAnswer(node, "nonsense"),
             ValueError("not a replica call at all"),
@@ -105,7 +113,6 @@ class HealthMonitorTests(SynchronousTestCase):
         for error in [
             NodeUnreachable(node, "connection refused", sent=False),
             NodeUnreachable(node, "connection lost", sent=True),
-            NodeTimeout(node, 2.0),
         ]:
             self.health.mark(node, up=True)
             self.health.call_failed(node, error)
@@ -144,6 +151,107 @@ class HealthMonitorTests(SynchronousTestCase):
         self.health.mark(b, up=False, error="test")
         self.assertEqual([self.health.hints_waiting(n) for n in NODES], [0, 0, 2])
         self.assertFalse(self.health.has_hints_waiting(a))
+
+
+class StrikeTests(SynchronousTestCase):
+    """Health checks without an answer: a node is down only after several in a row."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.node = NODES[0]
+        self.answers: list[Deferred[object]] = []
+        self.cancelled: list[str] = []
+        self.health = HealthMonitor(
+            [self.node], self.check, self.clock, check_timeout=1.0, strikes=3
+        )
+
+    def check(self, node: str) -> Deferred[object]:
+        """A check whose answer the test gives (or never gives), noting cancellations."""
+        d: Deferred[object] = Deferred(lambda _: self.cancelled.append(node))
+        self.answers.append(d)
+        return d
+
+    def silent_round(self) -> None:
+        """One round whose check gets no answer: it times out after check_timeout."""
+        round_ = self.health.check_all()
+        self.assertNoResult(round_)
+        self.clock.advance(0.99)
+        self.assertNoResult(round_)
+        self.clock.advance(0.01)
+        self.successResultOf(round_)
+
+    def test_down_after_three_silent_checks_in_a_row(self) -> None:
+        """
+        A check with no answer within check_timeout is cancelled (its own
+        deadline, not the request timeout) and is a strike; the node stays up
+        for two strikes and is down at the third, with a message saying why.
+        """
+        self.health.mark(self.node, up=True)
+        for strike in (1, 2):
+            self.silent_round()
+            self.assertEqual(len(self.cancelled), strike)
+            state = self.health.state(self.node)
+            self.assertEqual(state.status, "up", strike)
+            self.assertIn("no answer to its health", state.error)
+        self.silent_round()
+        state = self.health.state(self.node)
+        self.assertEqual(
+            (state.status, state.since, state.error),
+            ("down", 3.0, "no answer to its health 3 checks in a row (each 1 s)"),
+        )
+
+    def test_an_answer_clears_the_strikes(self) -> None:
+        """Two silent checks, an answer, two silent checks: never three in a row, so up."""
+        for _ in range(2):
+            self.silent_round()
+        round_ = self.health.check_all()
+        self.answers[-1].callback({"hints": {}})
+        self.successResultOf(round_)
+        self.assertEqual(self.health.state(self.node).as_json()["error"], None)
+        for _ in range(2):
+            self.silent_round()
+        self.assertFalse(self.health.is_down(self.node))
+
+    def test_request_timeout_in_a_check_is_a_strike(self) -> None:
+        """The replica client's own NodeTimeout inside a check counts like silence."""
+        for _ in range(2):
+            round_ = self.health.check_all()
+            self.answers[-1].errback(NodeTimeout(self.node, 2.0))
+            self.successResultOf(round_)
+        self.assertFalse(self.health.is_down(self.node))
+        round_ = self.health.check_all()
+        self.answers[-1].errback(NodeTimeout(self.node, 2.0))
+        self.successResultOf(round_)
+        self.assertTrue(self.health.is_down(self.node))
+
+    def test_a_definite_no_marks_down_at_once(self) -> None:
+        """
+        A refused or broken connection, or an answer saying the node is not
+        healthy, is not slowness: one such check marks the node down, even
+        right after a silent one.
+        """
+        for error in [
+            NodeUnreachable(self.node, "connection refused", sent=False),
+            NodeUnreachable(self.node, "the connection broke mid-request", sent=True),
+            NodeUnreachable(self.node, "storage failed", sent=False),
+            ReplicaRefused(self.node, "forbidden", "wrong token"),
+        ]:
+            self.health.mark(self.node, up=True)
+            self.silent_round()
+            round_ = self.health.check_all()
+            self.answers[-1].errback(error)
+            self.successResultOf(round_)
+            state = self.health.state(self.node)
+            self.assertEqual((state.status, state.error), ("down", str(error)))
+
+    def test_a_cancelled_check_says_nothing(self) -> None:
+        """A check cancelled from elsewhere neither marks the node nor counts a strike."""
+        self.health.mark(self.node, up=True)
+        round_ = self.health.check_all()
+        self.answers[-1].errback(CancelledError())
+        self.successResultOf(round_)
+        state = self.health.state(self.node)
+        self.assertEqual((state.status, state.strikes), ("up", 0))
 
 
 class HealthServiceTests(SynchronousTestCase):
@@ -190,16 +298,28 @@ class HealthThroughTheProxyTests(OwnerCase):
         self.assertEqual(holders(self.cluster, self.key), [self.node])
         self.assertEqual(self.http.get("/health").json()["nodes_up"], 3)
 
-    def test_timeout_marks_the_node_down_until_a_health_check(self) -> None:
+    def test_a_timeout_is_not_a_failure_but_silent_checks_are(self) -> None:
         """
-        A node that timed out is down: its keys fail at once (no second
-        timeout to wait for) until a health check finds it answering again.
+        A node that timed out on a request is still up (it may just be busy):
+        the next request goes to it again. Only three health checks in a row
+        without an answer mark it down; from then on its keys fail at once
+        until a check finds it answering again. (Before overload was told
+        apart from failure, the first timeout marked it down.)
         """
+        self.cluster.health.mark(self.node, up=True)
         self.assertEqual(self.hang("PUT", self.path, b"v").code, 504)
-        state = self.cluster.health.state(self.node)
-        self.assertEqual(
-            (state.status, state.error), ("down", f"node {self.node} did not answer within 2 s")
-        )
+        self.assertFalse(self.cluster.health.is_down(self.node))
+        # Asked again: a node marked down would give 503 at once.
+        self.assertEqual(self.hang("PUT", self.path, b"v").code, 504)
+
+        health = self.cluster.health
+        for strike in range(1, health.strikes + 1):
+            self.assertFalse(health.is_down(self.node), strike)
+            round_ = health.check_all()
+            self.cluster.clock.advance(health.check_timeout)
+            self.successResultOf(round_)
+        state = health.state(self.node)
+        self.assertEqual(state.status, "down", state)
         self.faults.calls.clear()
         self.assertEqual(self.http.put(self.path, b"v").code, 503)  # no clock advance needed
         self.assertEqual(self.faults.calls, [])

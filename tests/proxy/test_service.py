@@ -14,16 +14,18 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import pytest
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
 
 import shardkv.proxy.service as proxy_service
 from shardkv.core.quorum import QuorumSizes
+from shardkv.proxy.allocator import AllocatorTuning
 from shardkv.proxy.coordinator import Coordinator
 from shardkv.proxy.service import make_proxy_service
 from shardkv.web.dataroutes import SMALL_BODY_LIMIT
 from shardkv.web.httpclient import HTTPClientService
+from shardkv.web.listening import ListeningService
 from shardkv.web.site import LimitedRequest, QuietSite
 
 NODES = {"127.0.0.1:9101": 1.0, "127.0.0.1:9102": 2.0, "127.0.0.1:9103": 1.0}
@@ -78,19 +80,21 @@ def client(service: MultiService) -> HTTPClientService:
 
 def test_tree_has_client_timers_and_one_listener_per_endpoint() -> None:
     """
-    If a proxy is built, then its tree holds, in start order, the HTTP
-    client, the health timer (at the given interval), the hint-retry timer
-    (every second) and one listener per endpoint; once started, each listener
-    listens where its endpoint says, all serving one site.
+    If a proxy is built, then its tree holds, in start order, the allocator
+    tuning (L{shardkv.proxy.allocator}), the HTTP client, the health timer
+    (at the given interval), the hint-retry timer (every second) and one
+    listener per endpoint; once started, each listener listens where its
+    endpoint says, all serving one site.
     """
     reactor = MemoryReactorClock()
     service = build(reactor, health_interval=7.0)
     assert [type(child) for child in service] == [
+        AllocatorTuning,
         HTTPClientService,
         TimerService,
         TimerService,
-        StreamServerEndpointService,
-        StreamServerEndpointService,
+        ListeningService,
+        ListeningService,
     ]
     assert [timer.step for timer in timers(service)] == [7.0, 1.0]
     service.startService()
@@ -111,7 +115,12 @@ def test_no_endpoints_no_listeners() -> None:
     service = build(reactor, listen=[])
     service.startService()
     assert reactor.tcpServers == []
-    assert [type(child) for child in service] == [HTTPClientService, TimerService, TimerService]
+    assert [type(child) for child in service] == [
+        AllocatorTuning,
+        HTTPClientService,
+        TimerService,
+        TimerService,
+    ]
 
 
 def test_health_checks_every_node_at_start_through_the_pool() -> None:

@@ -32,12 +32,18 @@ from shardkv.core.records import Record
 from shardkv.core.versions import Version
 from shardkv.errors import (
     BadReplicaAnswer,
+    NodeBusy,
     NodeTimeout,
     NodeUnreachable,
     ReplicaCallFailed,
     ReplicaRefused,
 )
-from shardkv.replica.client import ReplicaClient
+from shardkv.replica.client import (
+    DEFAULT_NODE_INFLIGHT_BYTES,
+    RECORD_OVERHEAD,
+    ReplicaClient,
+    write_cost,
+)
 from shardkv.replica.codec import (
     MAX_INLINE_VALUE,
     GetOp,
@@ -311,12 +317,138 @@ def test_every_failure_is_a_replica_call_failure() -> None:
 # -- records too large for a batch, against a real node ----------------------------
 
 
+# -- record bytes in flight per node ------------------------------------------------
+
+OTHER_NODE = "127.0.0.1:8082"
+
+
+class Counting:
+    """An HTTP client that hangs every request (like a busy node) and counts them."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    def request(self, method: str, url: bytes, **kwargs: Any) -> Deferred[Any]:
+        self.sent.append((method, url))
+        return Deferred(lambda d: d.errback(ResponseNeverReceived([Failure(CancelledError())])))
+
+
+def capped(cap: int, depth: int = 0) -> tuple[ReplicaClient, Counting, MemoryReactorClock]:
+    http, clock = Counting(), MemoryReactorClock()
+    return ReplicaClient(http, clock, TIMEOUT, depth, node_inflight_bytes=cap), http, clock
+
+
+def value_of(size: int) -> Record:
+    return Record(V1, b"x" * size, "")
+
+
+def cost(size: int) -> int:
+    """What a write of ``size`` value bytes under a one-letter key costs."""
+    return write_cost("k", value_of(size))
+
+
+def in_flight(client: ReplicaClient, node: str = NODE_ID) -> int:
+    return client.pipeline_stats(node)["bytes"]["in_flight"]
+
+
+def test_a_write_costs_its_key_value_content_type_and_overhead() -> None:
+    """So that a full node refuses tombstones too (their value is empty)."""
+    record = Record(V1, b"12345", "text/plain")
+    assert write_cost("key", record) == 3 + 5 + 10 + RECORD_OVERHEAD
+    assert write_cost("k", Record.deleted(V1)) == 1 + RECORD_OVERHEAD
+
+
+def test_a_write_past_the_cap_fails_at_once_and_is_not_sent() -> None:
+    """
+    With cost(6) of cost(6) + cost(4) in flight to a node, another
+    cost(6) write fails at once with NodeBusy (sent=False: nothing left,
+    the node is not suspected), while a cost(4) write still fits exactly
+    and another node is not affected. Once the writes in flight time out,
+    the bytes are free again.
+    """
+    cap = cost(6) + cost(4)
+    client, http, clock = capped(cap)
+    first = client.replica_put(NODE_ID, "a", value_of(6))
+    assert not answered(first)
+    busy = error_of(client.replica_put(NODE_ID, "b", value_of(6)))
+    assert isinstance(busy, NodeBusy), busy
+    assert (busy.node, busy.sent, busy.code) == (NODE_ID, False, "node_busy")
+    assert f"{cost(6)} bytes of records in flight" in busy.message
+    assert len(http.sent) == 1
+    fits_exactly = client.replica_put(NODE_ID, "c", value_of(4))
+    elsewhere = client.replica_put(OTHER_NODE, "d", value_of(cap))
+    assert len(http.sent) == 3
+    assert client.pipeline_stats(NODE_ID) == {"bytes": {"in_flight": cap, "limit": cap, "busy": 1}}
+    assert isinstance(error_of(client.replica_put(NODE_ID, "e", Record.deleted(V1))), NodeBusy)
+
+    clock.advance(TIMEOUT)
+    for d in (first, fits_exactly, elsewhere):
+        assert isinstance(error_of(d), NodeTimeout)
+    assert (in_flight(client), in_flight(client, OTHER_NODE)) == (0, 0)
+    assert not answered(client.replica_put(NODE_ID, "b", value_of(6)))
+
+
+def test_batched_and_single_key_writes_share_one_cap() -> None:
+    """
+    A record too large for a batch (sent alone) and small ones (queued in
+    the node's write pipeline, sent as a batch) count against the same
+    per-node cap, queued ones included; a small write past it is refused
+    before it reaches the pipeline.
+    """
+    big = MAX_INLINE_VALUE + 1
+    client, http, clock = capped(cost(big) + 3 * cost(100), depth=1)
+    calls = [client.replica_put(NODE_ID, "k", value_of(big))]
+    calls += [client.replica_put(NODE_ID, "k", value_of(100)) for _ in range(3)]
+    assert in_flight(client) == cost(big) + 3 * cost(100)
+    assert client.pipeline_stats(NODE_ID)["write"]["queued"] == 2  # one batch out, two wait
+    busy = error_of(client.replica_put(NODE_ID, "k", value_of(0)))
+    assert isinstance(busy, NodeBusy), busy
+    assert client.pipeline_stats(NODE_ID)["write"]["queued"] == 2
+    assert [m for m, _ in http.sent] == ["PUT", "POST"]
+
+    calls[2].cancel()  # a queued op whose caller gave up frees its bytes
+    assert in_flight(client) == cost(big) + 2 * cost(100)
+    clock.advance(TIMEOUT)
+    for d in calls:
+        outcome(d)
+    assert in_flight(client) == 0
+
+
+def test_an_idle_node_takes_a_record_larger_than_the_cap() -> None:
+    """A cap below the largest value must not starve it: with nothing in flight it goes."""
+    client, http, _ = capped(4)
+    assert not answered(client.replica_put(NODE_ID, "a", value_of(10)))
+    assert len(http.sent) == 1
+    assert isinstance(error_of(client.replica_put(NODE_ID, "b", value_of(1))), NodeBusy)
+
+
+@pytest.mark.parametrize("call", ["put", "pipelined put"])
+def test_bytes_are_freed_by_an_answer_a_failure_and_a_cancellation(call: str) -> None:
+    """However a write ends, its bytes stop counting."""
+    ok = StubTreq(Scripted(body=b'{"applied": true}'))
+    if "pipelined" in call:
+        ok = StubTreq(Scripted(body=encode_response([Result(200, applied=True)])))
+    for http, stubs in [(ok, (ok,)), (Broken(ConnectionLost()), ())]:
+        client = make_client(http, MemoryReactorClock(), call)
+        d = CALLS[call](client)
+        outcome(d, *stubs)
+        assert in_flight(client) == 0, http
+    hung = FaultyHTTP(ok)
+    hung.hung.add(NODE_ID)
+    client = make_client(hung, MemoryReactorClock(), call)
+    d = CALLS[call](client)
+    assert in_flight(client) == write_cost("k", Record(V1, b"v"))
+    d.cancel()
+    assert type(error_of(d)) is CancelledError
+    assert in_flight(client) == 0
+
+
 class OneNodeTests(OneNodeCase):
     """A pipelining client in front of one real node on a memory engine."""
 
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
-        self.serve(make_node(NODE_ID, self.clock))
+        self.serve(make_node(NODE_ID, self.clock, members=[NODE_ID, "127.0.0.1:8085"]))
         engine = self.node.store.engine
         assert isinstance(engine, MemoryEngine)
         self.engine = engine
@@ -411,7 +543,8 @@ class ClusterBatchingTests(SynchronousTestCase):
         total = 0
         for node in NODES_3:
             stats = self.cluster.replica_client.pipeline_stats(node)
-            self.assertEqual(sorted(stats), ["read", "write"])
+            self.assertEqual(sorted(stats), ["bytes", "read", "write"])
+            self.assertEqual(stats.pop("bytes")["in_flight"], 0, node)
             for kind, s in stats.items():
                 self.assertEqual((s["in_flight"], s["queued"]), (0, 0), (node, kind))
                 self.assertLess(s["batches"], s["ops"], (node, kind, s))
@@ -469,7 +602,10 @@ class ClusterBatchingTests(SynchronousTestCase):
         self.assertEqual({r.code for r in replies}, {201})
         self.assertEqual(self.run_all([self.get("a")])[0].body, b"1")
         self.assertEqual(self.cluster.replica_client.pipelines, {})
-        self.assertEqual(self.cluster.replica_client.pipeline_stats(NODES_3[0]), {})
+        self.assertEqual(
+            self.cluster.replica_client.pipeline_stats(NODES_3[0]),
+            {"bytes": {"in_flight": 0, "limit": DEFAULT_NODE_INFLIGHT_BYTES, "busy": 0}},
+        )
         self.assertTrue(self.faults.calls)
         self.assertTrue(all(c.path.startswith("/replica/kv/") for c in self.faults.calls))
 
@@ -478,8 +614,10 @@ class ClusterBatchingTests(SynchronousTestCase):
         With one replica hung, its batch never comes back and its ops queue,
         but reads answer from the other two and writes reach W=2 without
         the clock moving. Once the timeout passes the hung node's ops fail
-        with NodeTimeout, its queue drains, it is marked down, and the
-        writes it missed are kept as hints on the others.
+        with NodeTimeout, its queue drains, its record bytes in flight drop
+        to zero, and the writes it missed are kept as hints on the others.
+        It is not marked down: a timeout is not a failure (failed health
+        checks mark a hung node down).
         """
         self.use(slow=False)
         hung = NODES_3[0]
@@ -502,7 +640,12 @@ class ClusterBatchingTests(SynchronousTestCase):
 
         stats = self.cluster.replica_client.pipeline_stats(hung)
         self.assertEqual(
-            {kind: s["in_flight"] for kind, s in stats.items()}, {"read": 1, "write": 1}
+            {kind: s["in_flight"] for kind, s in stats.items()},
+            {
+                "read": 1,
+                "write": 1,
+                "bytes": sum(write_cost(n, Record(V1, n.encode(), "text/plain")) for n in names),
+            },
         )
         self.assertEqual(stats["read"]["queued"], 19)
         self.assertEqual(stats["write"]["queued"], 9)
@@ -513,9 +656,11 @@ class ClusterBatchingTests(SynchronousTestCase):
         self.failureResultOf(probe, NodeTimeout)
         self.cluster.clock.advance(TIMEOUT + 0.01)  # the batch that took the queue times out too
         settle(self.cluster)
-        for kind, s in self.cluster.replica_client.pipeline_stats(hung).items():
+        stats = self.cluster.replica_client.pipeline_stats(hung)
+        self.assertEqual(stats.pop("bytes")["in_flight"], 0)
+        for kind, s in stats.items():
             self.assertEqual((s["in_flight"], s["queued"]), (0, 0), kind)
-        self.assertTrue(self.cluster.health.is_down(hung))
+        self.assertFalse(self.cluster.health.is_down(hung))
         for name in names:
             kept = hints_for_key(self.cluster, name)
             self.assertEqual([t for targets in kept.values() for t in targets], [hung])

@@ -15,12 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardkv.core.keys import MAX_KEY_BYTES, key_from_path
-from shardkv.core.records import Record
-from shardkv.core.versions import VersionError
+from shardkv.core.records import DEFAULT_CONTENT_TYPE, Record
+from shardkv.core.versions import Version, VersionError
 from shardkv.replica.protocol import (
+    MAX_CONTENT_TYPE,
     REPLICA_KV_PREFIX,
     TOMBSTONE_HEADER,
     VERSION_HEADER,
+    InvalidContentType,
+    check_content_type,
     key_path,
     record_from_headers,
     record_headers,
@@ -122,3 +125,44 @@ def test_a_bad_version_header_raises_version_error(version: bytes | None) -> Non
     """
     with pytest.raises(VersionError):
         record_from_headers(version, b"0", b"text/plain", b"v")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain; charset=caf\u00e9",
+        "text/plain\x01",
+        "text/plain\x7f",
+        "a" * (MAX_CONTENT_TYPE + 1),
+    ],
+)
+def test_the_content_type_rule(content_type: str) -> None:
+    """Printable ASCII up to MAX_CONTENT_TYPE characters, and nothing else."""
+    with pytest.raises(InvalidContentType):
+        check_content_type(content_type)
+
+
+@pytest.mark.parametrize("content_type", ["", "a" * MAX_CONTENT_TYPE, "text/plain;\tq=1", " ~"])
+def test_the_content_type_rule_takes_header_text(content_type: str) -> None:
+    assert check_content_type(content_type) == content_type
+
+
+@pytest.mark.parametrize(
+    "raw", ["caf\u00e9".encode(), b"\xff", b"text\x00", b"a" * (MAX_CONTENT_TYPE + 1)]
+)
+def test_a_node_taking_a_write_refuses_a_bad_content_type(raw: bytes) -> None:
+    """
+    Stored, a non-ASCII content type made every later read of the key fail
+    (the node could not send it back as a header): a node refuses it at the
+    door, and a reader of a node's answer reads it as the default.
+    """
+    with pytest.raises(InvalidContentType):
+        record_from_headers(b"1-1000-n1", b"0", raw, b"v", strict=True)
+    lenient = record_from_headers(b"1-1000-n1", b"0", raw, b"v")
+    assert lenient == Record(V1, b"v", DEFAULT_CONTENT_TYPE)
+
+
+def test_a_stored_bad_content_type_is_sent_as_the_default() -> None:
+    """A record stored before the rule existed stays readable."""
+    record = Record(Version(1, 1, "w"), b"v", "caf\u00e9")
+    assert record_headers(record)[b"Content-Type"] == DEFAULT_CONTENT_TYPE.encode()

@@ -26,12 +26,14 @@ from shardkv.core.keys import InvalidKey, KeyTooLong
 from shardkv.core.records import CorruptRecord
 from shardkv.errors import (
     BadReplicaAnswer,
+    Forbidden,
     InvalidHintTarget,
     InvalidRequest,
     NodeBusy,
     NodeTimeout,
     NodeUnreachable,
     NotFound,
+    Overloaded,
     PreconditionFailed,
     QuorumTimeout,
     QuorumUnavailable,
@@ -42,6 +44,7 @@ from shardkv.errors import (
     StorageFailed,
     StorageFull,
     StorageStartupError,
+    Unauthorized,
     ValueTooLarge,
 )
 from shardkv.web.errors import STATUS, error_body, install_error_handlers, status_for
@@ -56,6 +59,7 @@ EXPECTED: dict[type[ShardkvError], int] = {
     PreconditionFailed: 412,
     QuorumUnavailable: 503,
     QuorumTimeout: 504,
+    Overloaded: 503,
     CorruptRecord: 503,
     StorageError: 503,
     StorageFull: 507,
@@ -67,6 +71,8 @@ EXPECTED: dict[type[ShardkvError], int] = {
     NodeBusy: 502,
     ReplicaRefused: 502,
     BadReplicaAnswer: 502,
+    Unauthorized: 401,
+    Forbidden: 403,
     # Raised while the node starts, before it serves anything.
     StorageStartupError: 500,
 }
@@ -168,6 +174,7 @@ RAISED: dict[str, Exception] = {
     "timeout": QuorumTimeout("replicas did not answer in time", outcome="unknown", acks=1),
     "long": KeyTooLong("the key is 2000 bytes; the limit is 1024"),
     "full": StorageFull("no space left on device"),
+    "overloaded": Overloaded("every replica is busy", outcome="not_applied"),
     "surprise": Surprise("nobody expected this"),
     "bug": ZeroDivisionError("division by zero"),
     "cancelled": CancelledError(),
@@ -208,6 +215,17 @@ class ErrorHandlerTests(SynchronousTestCase):
         self.assertEqual(self.http.get("/raise/long").error(), (414, "key_too_long"))
         self.assertEqual(self.http.get("/raise/full").error(), (507, "insufficient_storage"))
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_overloaded_says_when_to_retry(self) -> None:
+        """
+        Overloaded is a 503 with Retry-After, so a client backs off for that
+        long; other errors carry no Retry-After.
+        """
+        reply = self.http.get("/raise/overloaded")
+        self.assertEqual(reply.error(), (503, "overloaded"))
+        self.assertEqual(reply.header("retry-after"), "1")
+        self.assertEqual(reply.json()["outcome"], "not_applied")
+        self.assertIsNone(self.http.get("/raise/full").header("retry-after"))
 
     def test_an_unlisted_domain_error_is_a_logged_500_with_its_code(self) -> None:
         """The client still learns the code; the operator finds the failure in the log."""

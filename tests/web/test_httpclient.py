@@ -7,22 +7,44 @@ L{MemoryReactorClock}: each connection the pool asks for is recorded there,
 and the test completes it by hand over a L{StringTransport}, writes an HTTP
 response into it, and sees whether the pool keeps the connection, drops it
 or closes it later. Idle timeouts run on the reactor's clock.
+
+The token is checked on the wire the same way. Certificate checks need a real
+TLS handshake, so those tests run a tiny HTTPS server on 127.0.0.1 port 0 with
+certificates from a throwaway CA (L{tests.tlscerts}), on the global reactor.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
+import pytest_twisted
+from OpenSSL import SSL
+from service_identity import VerificationError
 from treq.client import HTTPClient
+from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IProtocol
+from twisted.internet.interfaces import IListeningPort, IProtocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
-from shardkv.web.httpclient import HTTPClientService
+from shardkv.web.httpclient import HTTPClientService, load_ca_certificates
+from tests.tlscerts import CA, Leaf
+
+reactor = cast(Any, _reactor)
 
 NODE = b"http://127.0.0.1:9101"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -204,3 +226,244 @@ class HTTPClientServiceTests(SynchronousTestCase):
         (connection,) = connect_all(self.reactor)
         connection.answer()
         assert self.successResultOf(d).code == 200
+
+
+TOKEN = "s3cret-cluster-token"
+
+
+class TokenTests(SynchronousTestCase):
+    """C{token}: every request the service sends carries the cluster token."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.connections: list[Connection] = []
+
+    def sent(self, service: HTTPClientService, **kwargs: Any) -> bytes:
+        """What goes on the wire for one GET sent with ``kwargs`` (on a kept connection)."""
+        if self.connections:
+            self.connections[-1].transport.clear()
+        d = service.request("GET", NODE + b"/replica/kv/k", **kwargs)
+        if not self.connections:
+            self.connections = connect_all(self.reactor)
+        assert len(self.reactor.tcpClients) == 1
+        connection = self.connections[-1]
+        data: bytes = connection.transport.value()
+        connection.answer()
+        self.successResultOf(d)
+        return data
+
+    def test_every_request_carries_the_bearer_token(self) -> None:
+        """
+        If the service has a token, then each request carries
+        C{Authorization: Bearer <token>} exactly once, whatever form the
+        caller's headers take (none, a dict, L{Headers}), the caller's own
+        headers still go out, and the caller's objects are not changed.
+        """
+        service = HTTPClientService(self.reactor, token=TOKEN)
+        service.startService()
+        as_dict: dict[bytes, list[bytes]] = {b"X-Probe": [b"1"]}
+        as_headers = Headers({b"X-Probe": [b"2"]})
+        cases: list[tuple[dict[str, Any], bytes | None]] = [
+            ({}, None),
+            ({"headers": None}, None),
+            ({"headers": as_dict}, b"X-Probe: 1\r\n"),
+            ({"headers": {"X-Probe": "3"}}, b"X-Probe: 3\r\n"),
+            ({"headers": as_headers}, b"X-Probe: 2\r\n"),
+        ]
+        for kwargs, probe in cases:
+            sent = self.sent(service, **kwargs)
+            head = sent.split(b"\r\n\r\n")[0]
+            assert head.lower().count(b"\r\nauthorization:") == 1, kwargs
+            assert b"\r\nAuthorization: Bearer s3cret-cluster-token\r\n" in sent, kwargs
+            if probe is not None:
+                assert probe in sent
+        assert as_dict == {b"X-Probe": [b"1"]}
+        assert list(as_headers.getAllRawHeaders()) == [(b"X-Probe", [b"2"])]
+
+    def test_the_token_replaces_an_authorization_header_from_the_caller(self) -> None:
+        """
+        If a caller passes its own Authorization header, then the service's
+        token wins and only one Authorization header goes out.
+        """
+        service = HTTPClientService(self.reactor, token=TOKEN)
+        service.startService()
+        for headers in [{b"authorization": [b"Bearer other"]}, Headers({"Authorization": ["x"]})]:
+            sent = self.sent(service, headers=headers)
+            assert sent.lower().count(b"authorization:") == 1
+            assert b"Authorization: Bearer s3cret-cluster-token\r\n" in sent
+
+    def test_no_token_sends_no_authorization(self) -> None:
+        """
+        If the service has no token, then its requests carry no
+        Authorization header: a cluster without a token works as before.
+        """
+        service = HTTPClientService(self.reactor)
+        service.startService()
+        assert b"authorization" not in self.sent(service).lower()
+
+    def test_a_token_that_cannot_be_a_header_is_refused_without_echoing_it(self) -> None:
+        """
+        If the token is empty or holds whitespace or control characters, then
+        construction raises L{ValueError}, and the message never contains the
+        token itself.
+        """
+        for bad in ["", "   ", "two words", "line\r\nX-Evil: 1", "tab\there", "caf\u00e9"]:
+            with pytest.raises(ValueError) as raised:
+                HTTPClientService(self.reactor, token=bad)
+            if bad.strip():
+                assert bad not in str(raised.value)
+
+    def test_the_token_is_not_in_the_repr(self) -> None:
+        """
+        If the service is printed or logged, then the token is not shown.
+        """
+        service = HTTPClientService(self.reactor, token=TOKEN)
+        service.startService()
+        assert TOKEN not in repr(service)
+        assert TOKEN not in str(service)
+
+
+class CAFileTests(SynchronousTestCase):
+    """C{ca_file}: which certificates the service trusts, checked at construction."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.dir = Path(tempfile.mkdtemp(prefix="shardkv-ca-"))
+        self.addCleanup(shutil.rmtree, self.dir)
+
+    def test_a_missing_file_is_refused_in_one_line(self) -> None:
+        """
+        If the CA file does not exist, then construction raises L{ValueError}
+        with one line naming the file, so the process refuses to start.
+        """
+        missing = self.dir / "nope.pem"
+        with pytest.raises(ValueError, match=r"nope\.pem") as raised:
+            HTTPClientService(self.reactor, ca_file=str(missing))
+        assert "\n" not in str(raised.value)
+
+    def test_a_file_without_a_certificate_is_refused(self) -> None:
+        """
+        If the CA file holds no PEM certificate (garbage, a key, a broken
+        certificate), then construction raises L{ValueError} in one line.
+        """
+        ca = CA.create(self.dir / "ca")
+        leaf = ca.issue("node")
+        broken = ca.pem.read_text().replace("A", "B", 40)
+        for name, text in [
+            ("empty.pem", ""),
+            ("garbage.pem", "not a certificate\n"),
+            ("key.pem", leaf.key.read_text()),
+            ("broken.pem", broken),
+        ]:
+            path = self.dir / name
+            path.write_text(text)
+            with pytest.raises(ValueError, match=re.escape(name)) as raised:
+                HTTPClientService(self.reactor, ca_file=str(path))
+            assert "\n" not in str(raised.value), name
+
+    def test_trust_root_reads_every_certificate_of_a_bundle(self) -> None:
+        """
+        If the CA file is a bundle of several certificates, then all of them
+        are trusted, not only the first.
+        """
+        first, second = CA.create(self.dir / "a", "first"), CA.create(self.dir / "b", "second")
+        bundle = self.dir / "bundle.pem"
+        bundle.write_bytes(first.pem.read_bytes() + second.pem.read_bytes())
+        assert [c.getSubject().commonName for c in load_ca_certificates(str(bundle))] == [
+            b"first",
+            b"second",
+        ]
+
+
+# -- TLS over real sockets --------------------------------------------------------
+
+
+class _Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return b"hello"
+
+
+@dataclass
+class TLSServer:
+    """A tiny HTTPS server on 127.0.0.1 port 0, serving one certificate."""
+
+    port: IListeningPort
+
+    @property
+    def number(self) -> int:
+        address = self.port.getHost()
+        assert isinstance(address, IPv4Address)
+        return address.port
+
+
+async def tls_server(leaf: Leaf) -> TLSServer:
+    endpoint = serverFromString(
+        reactor, f"ssl:0:interface=127.0.0.1:privateKey={leaf.key}:certKey={leaf.cert}"
+    )
+    return TLSServer(await endpoint.listen(Site(_Hello())))
+
+
+async def fetch(service: HTTPClientService, url: str) -> bytes:
+    response = await service.request("GET", url.encode("ascii"))
+    body = await response.content()
+    assert isinstance(body, bytes)
+    return body
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("pki")
+    ours, theirs = CA.create(root / "ours", "ours"), CA.create(root / "theirs", "theirs")
+    return {
+        "ca": ours,
+        "good": ours.issue("good"),
+        "foreign": theirs.issue("foreign"),
+        "wrong-host": ours.issue("wrong", ("node.example", "10.9.9.9")),
+    }
+
+
+async def _attempt(pki: dict[str, Any], leaf: str, host: str, **kwargs: Any) -> bytes | Failure:
+    server = await tls_server(pki[leaf])
+    service = HTTPClientService(reactor, **kwargs)
+    service.startService()
+    try:
+        return await fetch(service, f"https://{host}:{server.number}/")
+    except Exception:
+        return Failure()
+    finally:
+        await service.stopService()
+        await maybeDeferred(server.port.stopListening)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ca_file_verifies_the_server(pki: dict[str, Any]) -> None:
+    """
+    If the service has a CA file, then an https request to a server whose
+    certificate that CA issued for the host in the URL (an IP address or a
+    name) succeeds.
+    """
+    for host in ("127.0.0.1", "localhost"):
+        assert await _attempt(pki, "good", host, ca_file=str(pki["ca"].pem)) == b"hello"
+
+
+@pytest_twisted.ensureDeferred
+async def test_ca_file_refuses_another_ca_and_another_host(pki: dict[str, Any]) -> None:
+    """
+    If the server's certificate comes from another CA, or was issued by the
+    trusted CA for another host, then the request fails before any HTTP is
+    exchanged; without a CA file the system trust store (which does not
+    know the test CA) refuses even the good certificate.
+    """
+    ca = str(pki["ca"].pem)
+    for leaf, kwargs in [
+        ("foreign", {"ca_file": ca}),
+        ("wrong-host", {"ca_file": ca}),
+        ("good", {}),
+    ]:
+        result = await _attempt(pki, leaf, "127.0.0.1", **kwargs)
+        assert isinstance(result, Failure), (leaf, kwargs)
+        assert result.check(ResponseNeverReceived), (leaf, result)
+        reasons = cast(ResponseNeverReceived, result.value).reasons
+        assert any(r.check(SSL.Error, VerificationError) for r in reasons), leaf

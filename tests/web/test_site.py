@@ -13,16 +13,18 @@ import json
 import os
 import select
 import socket
+import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import pytest_twisted
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -30,17 +32,22 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
+from shardkv import tap
 from shardkv.node.service import make_node_service
 from shardkv.proxy.service import make_proxy_service
 from shardkv.storage.memory import MemoryEngine
+from shardkv.testing.polling import free_port
 from shardkv.web.dataroutes import JSON_ENVELOPE_SLACK
-from shardkv.web.site import LimitedRequest
+from shardkv.web.site import DescriptorBudget, LimitedRequest, QuietSite
+from tests.tlscerts import CA
 
 reactor = cast(Any, _reactor)
 
@@ -71,6 +78,11 @@ class Served:
     service: MultiService
     ports: list[IListeningPort]
     requests: list[LimitedRequest] = field(default_factory=list)
+    sites: list[QuietSite] = field(default_factory=list)
+
+    @property
+    def site(self) -> QuietSite:
+        return self.sites[0]
 
     @property
     def port(self) -> int:
@@ -107,21 +119,28 @@ async def serve(service: MultiService) -> Served:
             return request
 
         site.requestFactory = recording
+        served.sites.append(site)
         served.ports.append(await listener.endpoint.listen(site))
     return served
 
 
-@pytest_twisted.async_yield_fixture
-async def node() -> AsyncIterator[Served]:
+async def serve_node(**options: Any) -> Served:
+    """A node on port 0 with the test limits; ``options`` go to L{make_node_service}."""
+    options.setdefault("listen", ["tcp:0:interface=127.0.0.1"])
     service = make_node_service(
         reactor=reactor,
         node_id="test-node",
         engine=MemoryEngine(),
-        listen=["tcp:0:interface=127.0.0.1"],
         max_value_bytes=LIMIT,
         now_ms=now_ms,
+        **options,
     )
-    served = await serve(service)
+    return await serve(service)
+
+
+@pytest_twisted.async_yield_fixture
+async def node() -> AsyncIterator[Served]:
+    served = await serve_node()
     yield served
     await served.stop()
 
@@ -432,17 +451,22 @@ async def test_key_too_long_is_414(node: Served, http: HTTPClient) -> None:
     await response.content()
 
 
-@pytest.mark.parametrize(("count", "status"), [(600, 400), (400, 404)])
+@pytest.mark.parametrize(("count", "status"), [(600, 431), (5000, 431), (400, 404)])
 @pytest_twisted.ensureDeferred
 async def test_header_count_limit(node: Served, count: int, status: int) -> None:
     """
-    If a request carries 600 headers, then Twisted's own limit (500) refuses
-    it with 400; 400 headers pass through to the route (404: no such key).
+    If a request carries 600 or 5,000 headers, then the limit (500 lines)
+    refuses it with 431 in JSON; 400 headers pass through to the route
+    (404: no such key).
     """
     headers = b"".join(b"X-H%d: v\r\n" % i for i in range(count))
     head = b"GET /kv/missing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + headers + b"\r\n"
     got = await raw(node.port, head)
     assert got.status == status, got
+    assert got.header(b"content-type") == b"application/json"
+    if status == 431:
+        assert got.json()["error"] == "headers_too_large"
+        assert got.eof
 
 
 # -- a client that hangs up on the proxy -------------------------------------------------
@@ -568,3 +592,339 @@ async def test_client_hangup_on_proxy_logs_no_error(head: bytes) -> None:
                 transport.abortConnection()
         await maybeDeferred(fake_port.stopListening)
         await proxy.stop()
+
+
+# -- the connection cap --------------------------------------------------------------
+
+
+async def eventually(check: Callable[[], bool], what: str, deadline: float = 5.0) -> None:
+    """Let the reactor run until ``check()`` holds; fail after ``deadline`` s."""
+    clock = cast(IReactorTime, reactor)
+    end = clock.seconds() + deadline
+    while not check():
+        if clock.seconds() > end:
+            raise AssertionError(f"not within {deadline} s: {what}")
+        await deferLater(clock, 0.01, lambda: None)
+
+
+def closed_within(s: socket.socket, seconds: float) -> bool:
+    """Whether the server closed ``s`` (EOF or reset) within ``seconds``, writing nothing."""
+    readable, _, _ = select.select([s], [], [], seconds)
+    if not readable:
+        return False
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def health_on_fresh_connection(port: int) -> int | None:
+    """The status of C{GET /health} on a new connection; None if it was closed unanswered."""
+    got = exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    return got.status if got.data else None
+
+
+CAP = 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_cap_closes_extra_connections_at_once() -> None:
+    """
+    If 60 clients connect to a node capped at 50 connections and send
+    nothing, then the last 10 are closed at once (without an answer) while
+    the first 50 stay open, a new client is closed too, and once 5 of the
+    50 hang up, a new client is served.
+    """
+    served = await serve_node(max_connections=CAP, header_timeout=60.0)
+    sockets: list[socket.socket] = []
+    try:
+
+        def connect(count: int) -> list[socket.socket]:
+            return [socket.create_connection(("127.0.0.1", served.port)) for _ in range(count)]
+
+        sockets = await deferToThread(connect, CAP + 10)
+        await eventually(lambda: served.site.turned_away == 10, "10 connections turned away")
+        closed = await deferToThread(
+            lambda: [i for i, s in enumerate(sockets) if closed_within(s, 0 if i < CAP else 2.0)]
+        )
+        assert closed == list(range(CAP, CAP + 10)), closed
+        assert len(served.site.channels) == CAP
+        assert await deferToThread(health_on_fresh_connection, served.port) is None
+
+        for s in sockets[:5]:
+            s.close()
+        await eventually(lambda: len(served.site.channels) == CAP - 5, "5 channels released")
+        assert await deferToThread(health_on_fresh_connection, served.port) == 200
+    finally:
+        for s in sockets:
+            s.close()
+        await served.stop()
+
+
+def test_descriptor_budget_raises_the_soft_limit() -> None:
+    """
+    If the soft open-file limit is 1024 and the hard one 65536, then a site
+    with a cap of 1024 raises the soft limit to fit it plus headroom and gets
+    all 1024; a second site (a cluster) raises it again; releasing gives the
+    room back without lowering the limit.
+    """
+    limits = {"soft": 1024, "hard": 65536}
+    calls: list[tuple[int, int]] = []
+
+    def set_limit(which: int, value: tuple[int, int]) -> None:
+        calls.append(value)
+        limits["soft"] = value[0]
+
+    budget = DescriptorBudget(lambda which: (limits["soft"], limits["hard"]), set_limit)
+    assert budget.reserve(1024, 64) == 1024
+    assert calls == [(DescriptorBudget.BASE + 1024 + 64, 65536)]
+    assert budget.reserve(1024, 200) == 1024
+    assert limits["soft"] == DescriptorBudget.BASE + 2 * 1024 + 64 + 200
+    budget.release(1024, 200)
+    assert budget.reserve(1024, 200) == 1024
+    assert len(calls) == 2, "a reservation that fits raised the limit again"
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["hard-limit", "setrlimit-fails"])
+def test_descriptor_budget_lowers_the_cap_when_the_limit_cannot_rise(refuse: bool) -> None:
+    """
+    If the hard open-file limit is 512 (or raising the soft one fails), then
+    a site asking for 1024 connections gets what fits under the limit, and
+    one warning says how many and how to raise the limit.
+    """
+    soft, hard = (512, 512) if not refuse else (512, 65536)
+
+    def set_limit(which: int, value: tuple[int, int]) -> None:
+        if refuse:
+            raise ValueError("not allowed")
+
+    capture = Capture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        granted = DescriptorBudget(lambda which: (soft, hard), set_limit).reserve(1024, 64)
+    finally:
+        globalLogPublisher.removeObserver(capture)
+    assert granted == 512 - DescriptorBudget.BASE - 64
+    warnings = [formatEvent(e) for e in capture.events if e.get("log_level") == LogLevel.warn]
+    assert len(warnings) == 1, warnings
+    assert f"fits {granted} connections" in warnings[0]
+    assert "ulimit -n" in warnings[0]
+
+
+# -- request bodies in flight -----------------------------------------------------------
+
+
+def hold(port: int, head: bytes) -> socket.socket:
+    """Send a request head whose body never comes; keep the connection."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(head)
+    return s
+
+
+@pytest_twisted.async_yield_fixture
+async def small_proxy() -> AsyncIterator[Served]:
+    """A proxy that holds at most 4 values' worth of request bodies (its nodes are absent)."""
+    proxy = await serve(
+        make_proxy_service(
+            reactor=reactor,
+            nodes={f"127.0.0.1:{free_port()}": 1.0},
+            listen=["tcp:0:interface=127.0.0.1"],
+            max_value_bytes=LIMIT,
+            timeout=1.0,
+            health_interval=30.0,
+            max_inflight_bytes=4 * LIMIT,
+        )
+    )
+    yield proxy
+    await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_inflight_bodies_past_the_cap_get_503_at_once(small_proxy: Served) -> None:
+    """
+    If four PUTs whose bodies are still coming hold a proxy's whole budget
+    of request bytes, then a fifth PUT is answered 503 overloaded in JSON
+    with Retry-After: 1 at once, from its Content-Length, and so is a chunked
+    PUT as soon as it announces a chunk; a GET is still served; when the
+    four clients hang up, the budget returns to 0.
+    """
+    site = small_proxy.site
+    put = b"PUT /kv/k%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+    held = [await deferToThread(hold, small_proxy.port, put % (i, LIMIT)) for i in range(4)]
+    try:
+        await eventually(lambda: site.inflight_bytes == 4 * LIMIT, "4 bodies admitted")
+
+        got = await raw(small_proxy.port, put % (5, LIMIT))
+        assert got.status == 503, got
+        assert got.json()["error"] == "overloaded"
+        assert got.header(b"retry-after") == b"1"
+        assert got.eof
+        assert got.elapsed < PROMPT
+        assert small_proxy.requests[4].content is None, "the refused body was buffered"
+
+        chunked = b"PUT /kv/c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        got = await raw(small_proxy.port, chunked + b"10\r\n")
+        assert got.status == 503, got
+        assert got.json()["error"] == "overloaded"
+        assert site.inflight_bytes == 4 * LIMIT
+
+        got = await raw(small_proxy.port, b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert got.status == 200, got
+    finally:
+        for s in held:
+            s.close()
+    await eventually(lambda: site.inflight_bytes == 0, "the budget released")
+
+
+@pytest_twisted.ensureDeferred
+async def test_inflight_budget_never_leaks() -> None:
+    """
+    If a node serves many PUTs that complete, many refused while its budget
+    is full, chunked PUTs, and clients that hang up halfway through a body,
+    then once they are all done the budget is back to 0.
+    """
+    served = await serve_node(max_inflight_bytes=2 * LIMIT)
+    site = served.site
+    value = b"v" * LIMIT
+    put = b"PUT /kv/k%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+    try:
+        held = [await deferToThread(hold, served.port, put % (i, LIMIT)) for i in range(2)]
+        await eventually(lambda: site.inflight_bytes == 2 * LIMIT, "2 bodies admitted")
+        refused = [
+            await raw(served.port, put % (i, LIMIT) + value, stop_on_answer=False)
+            for i in range(20)
+        ]
+        assert {r.status for r in refused} == {503}
+        held[0].sendall(value)
+        answer = await deferToThread(held[0].recv, 65536)
+        assert answer.startswith(b"HTTP/1.1 201 "), answer
+        held[1].sendall(value[: LIMIT // 2])
+        held[1].close()
+        for s in held:
+            s.close()
+        await eventually(lambda: site.inflight_bytes == 0, "the held bodies released")
+
+        close = b"Connection: close\r\n"
+        done = [
+            await raw(
+                served.port,
+                (put % (i, LIMIT)).replace(b"\r\n\r\n", b"\r\n" + close + b"\r\n") + value,
+            )
+            for i in range(20)
+        ]
+        assert {r.status for r in done} <= {200, 201}, [r.status for r in done]
+        chunked = (
+            b"PUT /kv/c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n" + close + b"\r\n"
+        )
+        got = await raw(served.port, chunked + b"".join(chunks(LIMIT, 4096)) + b"0\r\n\r\n")
+        assert got.status in (200, 201), got
+        half = [
+            await deferToThread(hold, served.port, put % (i, LIMIT) + value[:100]) for i in range(5)
+        ]
+        await eventually(lambda: site.inflight_bytes > 0, "half-sent bodies admitted")
+        for s in half:
+            s.close()
+        await eventually(lambda: site.inflight_bytes == 0, "every body released")
+        assert site.admission.refused >= 20
+    finally:
+        await served.stop()
+
+
+# -- the options reach every site -------------------------------------------------------
+
+
+def front_door_sites(*argv: str) -> list[QuietSite]:
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    service = tap.makeService(options, MemoryReactor())
+
+    def walk(s: Any) -> Iterator[Any]:
+        yield s
+        if IServiceCollection.providedBy(s):
+            for child in s:
+                yield from walk(child)
+
+    found = [s.factory for s in walk(service) if isinstance(s, StreamServerEndpointService)]
+    assert found and all(isinstance(site, QuietSite) for site in found)
+    return found
+
+
+def test_front_door_options_and_defaults() -> None:
+    """
+    If node, proxy and cluster are started with no front-door options, then
+    every site has a 10 s header timeout and a cap of 1,024 connections, a
+    proxy holds 64 MiB of request bodies and a node 256 MiB; the options
+    change all three on every site of each.
+    """
+    node, proxy = front_door_sites("node", "--storage", "memory"), front_door_sites("proxy")
+    for site in node + proxy:
+        assert (site.header_timeout, site.max_connections) == (10.0, 1024)
+    assert node[0].admission.limit == 256 << 20
+    assert proxy[0].admission.limit == 64 << 20
+    cluster = front_door_sites("cluster", "--storage", "memory")
+    assert sorted(site.admission.limit for site in cluster) == [64 << 20] + [256 << 20] * 3
+
+    flags = ("--header-timeout", "2.5", "--max-connections", "77", "--max-inflight-bytes", "999")
+    for argv in (("node", "--storage", "memory"), ("proxy",), ("cluster", "--storage", "memory")):
+        for site in front_door_sites(*argv, *flags):
+            assert (site.header_timeout, site.max_connections, site.admission.limit) == (
+                2.5,
+                77,
+                999,
+            )
+    with pytest.raises(usage.UsageError):
+        front_door_sites("node", "--max-connections", "0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_cap_on_a_tls_listener(tmp_path: Path) -> None:
+    """
+    If a TLS listener is at its cap, then a new connection is closed at once
+    (the TLS wrapper needs a protocol to wrap, so the site cannot simply
+    return None), and the connections within the cap are served over TLS.
+    """
+    ca = CA.create(tmp_path)
+    leaf = ca.issue("node")
+    served = await serve_node(listen=[leaf.listen(0)], max_connections=2, header_timeout=60.0)
+    context = ssl.create_default_context(cafile=str(ca.pem))
+
+    def scenario(port: int) -> tuple[list[bool], bytes]:
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        try:
+            extra = socket.create_connection(("127.0.0.1", port))
+            with extra:
+                turned = closed_within(extra, 2.0)
+            with held[0] as s, context.wrap_socket(s, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while data := tls.recv(65536):
+                    answer += data
+            return [turned], answer
+        finally:
+            for s in held:
+                s.close()
+
+    try:
+        turned, answer = await deferToThread(scenario, served.port)
+        assert turned == [True]
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+    finally:
+        await served.stop()
+
+
+@pytest.mark.parametrize(("method", "status"), [(b"GET", 405), (b"PUT", 405), (b"OPTIONS", 200)])
+@pytest_twisted.ensureDeferred
+async def test_asterisk_target(node: Served, method: bytes, status: int) -> None:
+    """
+    If a request has the asterisk-form target (C{GET * HTTP/1.1}), then any
+    method but OPTIONS gets 405 in JSON with C{Allow: OPTIONS} (twisted.web's
+    own answer has no body) and C{OPTIONS *} gets an empty 200.
+    """
+    got = await raw(node.port, b"%s * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % method)
+    assert got.status == status, got
+    if status == 405:
+        assert got.header(b"allow") == b"OPTIONS"
+        assert got.header(b"content-type") == b"application/json"
+        assert got.json()["error"] == "method_not_allowed"
+    else:
+        assert got.body == b""
