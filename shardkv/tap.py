@@ -41,8 +41,14 @@ DEFAULT_DATA_ROOT = "shardkv-data"
 log = Logger(namespace="shardkv")
 
 
+LISTEN_BACKLOG = 1024
+"""Connections the kernel queues before they are accepted. Twisted's default
+of 50 overflows in a burst of clients; the kernel then drops their handshakes
+and resets some of them about a second later."""
+
+
 def _loopback(port: int) -> str:
-    return f"tcp:{port}:interface=127.0.0.1"
+    return f"tcp:{port}:interface=127.0.0.1:backlog={LISTEN_BACKLOG}"
 
 
 def _node_item(item: str) -> tuple[str, str, str]:

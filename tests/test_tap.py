@@ -85,11 +85,14 @@ def sites(service: IService) -> list[Any]:
 def test_node_port_is_loopback_tcp() -> None:
     """
     If a node is given C{--port 8081}, then it listens on exactly
-    C{tcp:8081:interface=127.0.0.1}.
+    C{tcp:8081:interface=127.0.0.1}, with a backlog that a burst of clients
+    does not overflow.
     """
     options = parse("node", "--port", "8081", "--storage", "memory")
-    assert options.subOptions.endpoints() == ["tcp:8081:interface=127.0.0.1"]
-    assert Built(options).listened() == [(8081, "127.0.0.1")]
+    assert options.subOptions.endpoints() == ["tcp:8081:interface=127.0.0.1:backlog=1024"]
+    built = Built(options)
+    assert built.listened() == [(8081, "127.0.0.1")]
+    assert [backlog for _, _, backlog, _ in built.reactor.tcpServers] == [1024]
 
 
 def test_node_defaults() -> None:
