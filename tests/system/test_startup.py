@@ -106,7 +106,9 @@ def check_refused(exited: Exited, port: int, log_file: bool) -> str:
     assert "Traceback" not in everything and "Unhandled" not in everything, everything
     lines = naming(exited.terminal, port)
     assert len(lines) == 1, f"expected one line naming {port} on the terminal:\n{everything}"
-    expected = f"cannot listen on port {port} of 127.0.0.1 (tcp:{port}:interface=127.0.0.1)"
+    expected = (
+        f"cannot listen on port {port} of 127.0.0.1 (tcp:{port}:interface=127.0.0.1:backlog=1024)"
+    )
     assert expected in lines[0] and "Address already in use" in lines[0], lines
     if log_file:
         assert [expected in line for line in naming(exited.log, port)] == [True], exited.log
@@ -127,7 +129,7 @@ def test_node_on_a_taken_port_exits_with_one_line(
     line = check_refused(exited, port, log_file)
     assert line.lstrip().endswith(
         "shardkv: cannot start the node: "
-        f"cannot listen on port {port} of 127.0.0.1 (tcp:{port}:interface=127.0.0.1): "
+        f"cannot listen on port {port} of 127.0.0.1 (tcp:{port}:interface=127.0.0.1:backlog=1024): "
         "Address already in use (another process holds it)"
     )
     assert not (tmp_path / "data").exists(), "the node opened no data directory"
