@@ -26,6 +26,7 @@ from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 
 from shardkv import tap
+from shardkv.addresses import parse_nodes
 from shardkv.node.service import NodeService
 from shardkv.storage.memory import MemoryEngine
 from shardkv.web.dataroutes import DEFAULT_MAX_VALUE_BYTES
@@ -440,7 +441,7 @@ def test_proxy_nodes_with_schemes() -> None:
         "c:3": "http://c:3",
         "d:4": "https://d:4",
     }
-    assert tap.parse_nodes("https://a:1,b:2") == {"a:1": 1.0, "b:2": 1.0}
+    assert parse_nodes("https://a:1,b:2") == {"a:1": 1.0, "b:2": 1.0}
     assert parse("proxy").subOptions["node-urls"] == {n: f"http://{n}" for n in LOCAL_DEFAULT_NODES}
 
 

@@ -17,19 +17,18 @@ The protocol-level answers themselves are L{shardkv.web.channel}'s.
 from __future__ import annotations
 
 import json
-import resource as rlimits
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from shardkv.web.channel import LINGER_SECONDS, FrontDoorChannel
+from shardkv.web.descriptors import DESCRIPTORS, DescriptorBudget
 from shardkv.web.errors import JSON, json_body
 
 __all__ = [
@@ -40,13 +39,10 @@ __all__ = [
     "PROXY_MAX_INFLIGHT_BYTES",
     "Admission",
     "BodyLimit",
-    "DescriptorBudget",
     "LimitedRequest",
     "QuietSite",
     "make_site",
 ]
-
-log = Logger(namespace="shardkv.web")
 
 BodyLimit = Callable[[bytes, bytes], int]
 """Maps (method, raw path) to the largest body that request may carry."""
@@ -245,66 +241,6 @@ class _Utf8Guard(Resource):
                 + b"\n"
             )
         return self._inner.render(request)
-
-
-class DescriptorBudget:
-    """The process's open-file limit, shared by every site in it (a cluster runs four).
-
-    Each site reserves its connection cap plus headroom when it starts
-    listening. The soft ``RLIMIT_NOFILE`` is raised towards the hard limit to
-    fit every reservation, as Redis does for ``maxclients``; when it cannot
-    be, the site gets a smaller cap and one log line says so. Either way the
-    process does not run out of descriptors (EMFILE), which would stop it
-    accepting anyone.
-    """
-
-    BASE = 64
-    """Descriptors open whatever the sites do: stdio, the log, epoll, the thread pool's pipes."""
-
-    def __init__(
-        self,
-        getrlimit: Callable[[int], tuple[int, int]] = rlimits.getrlimit,
-        setrlimit: Callable[[int, tuple[int, int]], None] = rlimits.setrlimit,
-    ) -> None:
-        self._get = getrlimit
-        self._set = setrlimit
-        self.reserved = self.BASE
-
-    def reserve(self, connections: int, headroom: int) -> int:
-        """Reserve room for ``connections`` plus ``headroom``; the connections granted."""
-        needed = self.reserved + connections + headroom
-        soft, hard = self._get(rlimits.RLIMIT_NOFILE)
-        if soft != rlimits.RLIM_INFINITY and needed > soft:
-            target = needed if hard == rlimits.RLIM_INFINITY else min(needed, hard)
-            if target > soft:
-                try:
-                    self._set(rlimits.RLIMIT_NOFILE, (target, hard))
-                    soft = target
-                except (OSError, ValueError):
-                    pass
-        granted = connections
-        if soft != rlimits.RLIM_INFINITY:
-            granted = max(1, min(connections, soft - self.reserved - headroom))
-        if granted < connections:
-            log.warn(
-                "the open-file limit ({soft}, hard {hard}) fits {granted} connections, not "
-                "--max-connections {connections}; serving at most {granted} (raise it with "
-                "ulimit -n {needed})",
-                soft=soft,
-                hard=hard,
-                granted=granted,
-                connections=connections,
-                needed=needed,
-            )
-        self.reserved += granted + headroom
-        return granted
-
-    def release(self, granted: int, headroom: int) -> None:
-        self.reserved -= granted + headroom
-
-
-DESCRIPTORS = DescriptorBudget()
-"""This process's budget (the limit is per process, so is this)."""
 
 
 class _TurnAway(Protocol):
