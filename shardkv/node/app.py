@@ -17,17 +17,18 @@ from twisted.web.resource import Resource
 from shardkv.core.records import Record
 from shardkv.core.versions import VersionError
 from shardkv.errors import InvalidRequest, ShardkvError
-from shardkv.node.members import MEMBERS_PATH, parse_members
 from shardkv.node.store import NodeStore, Outcome
 from shardkv.replica import codec
 from shardkv.replica.protocol import (
     BATCH_PATH,
     HEALTH_PATH,
     HINT_FOR,
+    MEMBERS_PATH,
     REPLICA_KV_PREFIX,
     TOMBSTONE_HEADER,
     VERSION_HEADER,
     InvalidContentType,
+    parse_members,
     record_from_headers,
     record_headers,
 )

@@ -10,19 +10,14 @@ told, it refuses every hint.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 
 from shardkv.core.records import Record
-from shardkv.errors import InvalidRequest, NodeUnreachable
+from shardkv.errors import NodeUnreachable
 from shardkv.replica.client import ReplicaClient
-
-MEMBERS_PATH = "/replica/members"
-MAX_MEMBERS = 1024
-MAX_MEMBER_CHARS = 255
 
 
 class Members:
@@ -47,36 +42,6 @@ class Members:
     def as_json(self) -> list[str] | None:
         """Sorted, so the proxy can compare it with its own list; None until told."""
         return None if self._members is None else sorted(self._members)
-
-
-def parse_members(body: bytes) -> list[str]:
-    """The list in a ``{"members": ["host:port", ...]}`` body; L{InvalidRequest} if malformed."""
-    try:
-        payload: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidRequest("the body is not valid JSON", "invalid_members") from None
-    members = payload.get("members") if isinstance(payload, dict) else None
-    if not isinstance(members, list) or len(members) > MAX_MEMBERS:
-        raise InvalidRequest(
-            f'the body must be {{"members": [...]}} with at most {MAX_MEMBERS} names',
-            "invalid_members",
-        )
-    for member in members:
-        if not (
-            isinstance(member, str)
-            and member.isascii()
-            and member.isprintable()
-            and 0 < len(member) <= MAX_MEMBER_CHARS
-        ):
-            raise InvalidRequest(
-                f"each member must be a node address of 1 to {MAX_MEMBER_CHARS} ASCII characters",
-                "invalid_members",
-            )
-    return members
-
-
-def members_body(members: Iterable[str]) -> bytes:
-    return json.dumps({"members": sorted(members)}).encode("ascii")
 
 
 class MemberOnlyClient(ReplicaClient):

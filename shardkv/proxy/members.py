@@ -16,8 +16,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from shardkv.errors import ReplicaCallFailed, ReplicaRefused
-from shardkv.node.members import MEMBERS_PATH, members_body
 from shardkv.replica.client import ReplicaClient
+from shardkv.replica.protocol import members_body
 
 log = Logger(namespace="shardkv.proxy.members")
 
@@ -63,16 +63,7 @@ class MemberAnnouncer:
 
     async def _push(self, node: str) -> None:
         try:
-            # The replica client's one exchange: its deadline, failure sorting and node URLs.
-            status, _, body = await self._client._call(
-                node,
-                "PUT",
-                MEMBERS_PATH,
-                data=self._body,
-                headers={b"Content-Type": b"application/json"},
-            )
-            if status != 200:
-                raise self._client._node_error(node, status, body)
+            await self._client.put_members(node, self._body)
         except ReplicaRefused as e:
             if e.code in _REFUSED_ACCESS:
                 self._refused[node] = e

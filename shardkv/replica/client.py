@@ -52,6 +52,7 @@ from shardkv.replica.pipeline import NodePipeline
 from shardkv.replica.protocol import (
     BATCH_PATH,
     HEALTH_PATH,
+    MEMBERS_PATH,
     TOMBSTONE_HEADER,
     VERSION_HEADER,
     key_path,
@@ -312,6 +313,14 @@ class ReplicaClient:
             return bool(json.loads(body)["applied"])
         except (ValueError, KeyError, TypeError):
             raise BadReplicaAnswer(node, f"node {node} sent an unexpected answer") from None
+
+    async def put_members(self, node: str, body: bytes) -> None:
+        """Tell ``node`` the cluster's members (``body`` is the JSON the node's route takes)."""
+        status, _, answer = await self._call(
+            node, "PUT", MEMBERS_PATH, data=body, headers={b"Content-Type": b"application/json"}
+        )
+        if status != 200:
+            raise self._node_error(node, status, answer)
 
     async def health(self, node: str) -> dict[str, Any]:
         status, _, body = await self._call(node, "GET", HEALTH_PATH)

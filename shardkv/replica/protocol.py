@@ -20,11 +20,15 @@ operations in one exchange (L{shardkv.replica.codec}).
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import quote
 
 from shardkv.core.records import DEFAULT_CONTENT_TYPE, Record
 from shardkv.core.versions import Version
+from shardkv.errors import InvalidRequest
 
 REPLICA_KV_PREFIX = "/replica/kv/"
 BATCH_PATH = "/replica/batch"
@@ -33,6 +37,11 @@ HEALTH_PATH = "/health"
 VERSION_HEADER = b"X-Shardkv-Version"
 TOMBSTONE_HEADER = b"X-Shardkv-Tombstone"
 HINT_FOR = "hint_for"
+
+MEMBERS_PATH = "/replica/members"
+"""``PUT`` ``{"members": ["host:port", ...]}``: the proxy tells a node the cluster's members."""
+MAX_MEMBERS = 1024
+MAX_MEMBER_CHARS = 255
 
 MAX_CONTENT_TYPE = 16 * 1024
 """The longest Content-Type a record may carry, in characters: as long as any
@@ -125,3 +134,33 @@ def record_from_headers(
             raise
         text = DEFAULT_CONTENT_TYPE
     return Record(parsed, value, text, tombstone == b"1")
+
+
+def parse_members(body: bytes) -> list[str]:
+    """The list in a ``{"members": ["host:port", ...]}`` body; L{InvalidRequest} if malformed."""
+    try:
+        payload: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidRequest("the body is not valid JSON", "invalid_members") from None
+    members = payload.get("members") if isinstance(payload, dict) else None
+    if not isinstance(members, list) or len(members) > MAX_MEMBERS:
+        raise InvalidRequest(
+            f'the body must be {{"members": [...]}} with at most {MAX_MEMBERS} names',
+            "invalid_members",
+        )
+    for member in members:
+        if not (
+            isinstance(member, str)
+            and member.isascii()
+            and member.isprintable()
+            and 0 < len(member) <= MAX_MEMBER_CHARS
+        ):
+            raise InvalidRequest(
+                f"each member must be a node address of 1 to {MAX_MEMBER_CHARS} ASCII characters",
+                "invalid_members",
+            )
+    return members
+
+
+def members_body(members: Iterable[str]) -> bytes:
+    return json.dumps({"members": sorted(members)}).encode("ascii")

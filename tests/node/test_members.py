@@ -16,12 +16,8 @@ from shardkv.core.records import Record
 from shardkv.core.versions import Version
 from shardkv.errors import InvalidRequest, NodeUnreachable
 from shardkv.node.handoff import HintHandoff
-from shardkv.node.members import (
-    MemberOnlyClient,
-    Members,
-    members_body,
-    parse_members,
-)
+from shardkv.node.members import MemberOnlyClient, Members
+from shardkv.replica.protocol import members_body, parse_members
 from shardkv.storage.memory import MemoryEngine
 
 
