@@ -200,3 +200,103 @@ class InvalidHintTarget(StorageError):
     """A hint target (node name) that cannot be stored."""
 
     code = "invalid_hint_target"
+
+
+# -- the cluster map and membership changes --------------------------------------
+
+
+class InvalidMap(InvalidRequest):
+    """A cluster map (from disk, the wire or an operator) that does not follow the format."""
+
+    code = "invalid_map"
+
+
+class InvalidChange(InvalidRequest):
+    """A membership change that is malformed or changes nothing."""
+
+    code = "invalid_change"
+
+
+class UnknownMember(ShardkvError):
+    """A change or lookup named a member id the map does not hold (or holds as removed)."""
+
+    code = "unknown_member"
+
+
+class MapConflict(ShardkvError):
+    """The map is not in the state the request assumed: another change won, or
+    this one does not fit the map as it now is."""
+
+    code = "map_conflict"
+
+
+class MoveInProgress(MapConflict):
+    """A new change was asked for while a move still runs; commit or abort that first."""
+
+    code = "move_in_progress"
+
+
+class TooFewMembers(MapConflict):
+    """The change would leave fewer members than the replication factor N."""
+
+    code = "too_few_members"
+
+
+class NoMove(MapConflict):
+    """Asked to advance or abort a move, but none is running."""
+
+    code = "no_move"
+
+
+class TooLateToAbort(MapConflict):
+    """The move is already deleting the old copies (cleanup), so it can only finish."""
+
+    code = "too_late_to_abort"
+
+
+class NoPlan(MapConflict):
+    """A commit with no staged plan (or a plan made against an older epoch)."""
+
+    code = "no_plan"
+
+
+class ForeignCluster(MapConflict):
+    """The node already belongs to another cluster (it holds a map of another cluster_id)."""
+
+    code = "foreign_cluster"
+
+
+class MemberUnreachable(MapConflict):
+    """A member a change needs could not be reached, so nothing was installed."""
+
+    code = "member_unreachable"
+
+
+class StaleEpoch(MapConflict):
+    """The request was planned at an older epoch than the node has learned.
+
+    ``details`` carry the node's ``epoch`` and its ``map`` (JSON), so the
+    caller can switch to it and retry.
+    """
+
+    code = "stale_epoch"
+
+
+class MapUnavailable(ShardkvError):
+    """No majority of the map's acceptors could be reached, so the map cannot change now."""
+
+    code = "map_unavailable"
+
+
+class NodeHasNewerMap(ReplicaRefused):
+    """A node refused a replica call with ``stale_epoch``: it holds the newer ``map``.
+
+    Raised on the proxy side by the replica client. The node refused before
+    applying anything, so ``sent`` is False and the call may be retried at
+    the new epoch.
+    """
+
+    def __init__(self, node: str, message: str, map: dict[str, Any]) -> None:
+        super().__init__(node, "stale_epoch", message)
+        self.map = map
+        self.sent = False

@@ -348,6 +348,14 @@ class ProxyOptions(_ClientTokenOption, _ServerOptions):
         ],
         ["clock-offset-ms", None, 0, "Skew this proxy's wall clock (for testing).", int],
         [
+            "rebalance-rate",
+            None,
+            0,
+            "Keys per second a membership change may move, for the whole cluster "
+            "(0: unlimited); caps the move so foreground latency stays bounded.",
+            _positive(int, "--rebalance-rate", allow_zero=True),
+        ],
+        [
             "ca-file",
             None,
             None,
@@ -399,6 +407,14 @@ class ClusterOptions(_ClientTokenOption, NodeOptions):
             "PEM certificate the nodes serve (for 127.0.0.1); with it they speak TLS only.",
         ],
         ["node-key", None, None, "PEM private key for --node-cert."],
+        [
+            "rebalance-rate",
+            None,
+            0,
+            "Keys per second a membership change may move, for the whole cluster "
+            "(0: unlimited); caps the move so foreground latency stays bounded.",
+            _positive(int, "--rebalance-rate", allow_zero=True),
+        ],
     ]
 
     def postOptions(self) -> None:

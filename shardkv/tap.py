@@ -132,6 +132,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             header_timeout=sub["header-timeout"],
             max_connections=sub["max-connections"],
             max_inflight_bytes=sub["max-inflight-bytes"] or PROXY_MAX_INFLIGHT_BYTES,
+            rebalance_rate=sub["rebalance-rate"],
         )
     return _cluster(sub, reactor)
 
@@ -174,5 +175,6 @@ def _cluster(sub: ClusterOptions, reactor: Any) -> MultiService:
         header_timeout=sub["header-timeout"],
         max_connections=sub["max-connections"],
         max_inflight_bytes=sub["max-inflight-bytes"] or PROXY_MAX_INFLIGHT_BYTES,
+        rebalance_rate=sub["rebalance-rate"],
     ).setServiceParent(top)
     return top

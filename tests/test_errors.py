@@ -15,13 +15,19 @@ from pathlib import Path
 import shardkv.errors
 from shardkv.errors import (
     BadReplicaAnswer,
+    InvalidChange,
+    InvalidMap,
     InvalidRequest,
+    MapConflict,
     NodeBusy,
+    NodeHasNewerMap,
     NodeTimeout,
     NodeUnreachable,
     NotFound,
     QuorumUnavailable,
     ReplicaRefused,
+    StaleEpoch,
+    TooFewMembers,
     ValueTooLarge,
 )
 
@@ -82,6 +88,31 @@ def test_a_refusal_carries_the_nodes_code() -> None:
         "node n1: disk full",
     )
     assert ReplicaRefused.code == "node_failed"
+
+
+def test_map_errors_are_requests_or_conflicts() -> None:
+    """
+    Malformed maps and changes are bad input (a ValueError a caller may
+    catch as such); every refusal over the state of the map is a
+    MapConflict, so a proposer can give up on all of them alike.
+    """
+    assert isinstance(InvalidMap("bad"), InvalidRequest)
+    assert InvalidChange("bad").code == "invalid_change"
+    assert isinstance(TooFewMembers("few"), MapConflict)
+    stale = StaleEpoch("old", epoch=4, map={"epoch": 4})
+    assert (stale.code, stale.details) == ("stale_epoch", {"epoch": 4, "map": {"epoch": 4}})
+
+
+def test_a_node_with_a_newer_map_refused_before_applying() -> None:
+    """The proxy may retry at the new epoch: nothing was applied (``sent`` is False)."""
+    error = NodeHasNewerMap("n1", "epoch 3 is older than 4", {"epoch": 4})
+    assert (error.node, error.code, error.map, error.sent) == (
+        "n1",
+        "stale_epoch",
+        {"epoch": 4},
+        False,
+    )
+    assert isinstance(error, ReplicaRefused)
 
 
 def test_errors_import_nothing_of_shardkv() -> None:

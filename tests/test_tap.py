@@ -764,3 +764,16 @@ def test_echo_errors_follows_where_twistd_logs(twistd: list[str], echo: bool) ->
     """
     options = twistd_options(*twistd, "shardkv", "node", "--port", "1")
     assert options.subOptions.subOptions.echo_errors() is echo
+
+
+@pytest.mark.parametrize("sub", ["proxy", "cluster"])
+def test_rebalance_rate(sub: str) -> None:
+    """
+    C{--rebalance-rate} (keys/s for the whole cluster) defaults to 0, unlimited,
+    and must be a whole number of zero or more; a bad value names the option.
+    """
+    assert parse(sub).subOptions["rebalance-rate"] == 0
+    assert parse(sub, "--rebalance-rate", "5000").subOptions["rebalance-rate"] == 5000
+    for bad in ("-1", "fast", "1.5"):
+        with pytest.raises(usage.UsageError, match="--rebalance-rate"):
+            parse(sub, "--rebalance-rate", bad)

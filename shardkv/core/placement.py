@@ -236,6 +236,17 @@ class Ring:
         """
         return self._walk(self._index(hash_key(key)), n)
 
+    def preference_of_hash(self, position: int, n: int) -> list[str]:
+        """L{preference_list} for a position from L{hash_key}.
+
+        For callers that hash a key once and then place it on two rings (the
+        planner of a move compares the old and new preference lists of every
+        record a node scans).
+
+        @raise ValueError: C{n < 1}.
+        """
+        return self._walk(self._index(position), n)
+
     def _walk(self, start: int, n: int) -> list[str]:
         if n < 1:
             raise ValueError(f"a preference list needs n >= 1, not {n}")

@@ -14,6 +14,11 @@ Every reply is one of three kinds, after Jepsen's ok / fail / info:
 
 A write that cannot reach W is reported as *unknown* whenever any replica
 may hold it, never as a definite failure.
+
+While the cluster map moves a range (its ``copying`` and ``handover``
+phases), a write goes to the old and the new replicas together and needs W
+acknowledgements within each set: L{JointWriteQuorum}. Then a read at either
+epoch's ring intersects it (R + W > N in each set).
 """
 
 from __future__ import annotations
@@ -142,6 +147,10 @@ class WriteQuorum:
         """Every target has answered (or failed)."""
         return len(self.replies) >= len(self.targets)
 
+    def reachable(self) -> bool:
+        """Can W acknowledgements still come?"""
+        return self.acks + self.pending >= self.w
+
     def outcome(self) -> Outcome | None:
         """OK once W acknowledged; otherwise None until W is out of reach.
 
@@ -156,6 +165,89 @@ class WriteQuorum:
         in_flight = any(t not in self.replies for t in self.targets)
         maybe = any(r in (Reply.OK, Reply.UNKNOWN) for r in self.replies.values())
         return Outcome.UNKNOWN if in_flight or maybe else Outcome.FAILED
+
+
+@dataclass
+class JointWriteQuorum:
+    """Counts acknowledgements of one write that needs W within each of several sets.
+
+    Used while a map change moves ranges: ``sets`` are the first N nodes of
+    the key's preference list under the previous ring and under the current
+    one. The targets are their union, each node written once (a node in both
+    sets acknowledges for both). There are no stand-ins: a down node is a
+    failed reply, so a hinted copy never counts for either set. The answer
+    follows L{WriteQuorum}'s rules: OK only when every set has W acks, and
+    never FAILED while any target may hold the write.
+    """
+
+    sets: Sequence[Sequence[str]]
+    w: int
+    replies: dict[Target, Reply] = field(default_factory=dict)
+    targets: list[Target] = field(init=False)
+    sloppy: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        seen: dict[str, None] = {}
+        for members in self.sets:
+            seen.update(dict.fromkeys(members))
+        self.targets = [Target(node) for node in seen]
+
+    def add(self, target: Target, reply: Reply) -> None:
+        self.replies[target] = reply
+
+    def _acked(self) -> set[str]:
+        return {t.node for t, r in self.replies.items() if r is Reply.OK}
+
+    def _answered(self) -> set[str]:
+        return {t.node for t in self.replies}
+
+    def set_acks(self) -> list[int]:
+        """Acknowledgements within each set, in the order of ``sets``."""
+        acked = self._acked()
+        return [len(acked.intersection(members)) for members in self.sets]
+
+    def set_pending(self) -> list[int]:
+        """Nodes of each set that have not answered yet."""
+        answered = self._answered()
+        return [len(set(members) - answered) for members in self.sets]
+
+    @property
+    def acks(self) -> int:
+        """The fewest acknowledgements of any set: what W is measured against."""
+        return min(self.set_acks(), default=0)
+
+    @property
+    def pending(self) -> int:
+        """The fewest nodes still to answer in any set."""
+        return min(self.set_pending(), default=0)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.replies) >= len(self.targets)
+
+    def reachable(self) -> bool:
+        """Can every set still reach W?"""
+        return all(
+            a + p >= self.w for a, p in zip(self.set_acks(), self.set_pending(), strict=True)
+        )
+
+    def outcome(self) -> Outcome | None:
+        """OK once every set has W; None while every set can still get there.
+
+        Out of reach (some set cannot get W), the write is FAILED only if
+        every target answered and none may hold it, else UNKNOWN.
+        """
+        acks = self.set_acks()
+        if all(a >= self.w for a in acks):
+            return Outcome.OK
+        if self.reachable():
+            return None
+        in_flight = any(t not in self.replies for t in self.targets)
+        maybe = any(r in (Reply.OK, Reply.UNKNOWN) for r in self.replies.values())
+        return Outcome.UNKNOWN if in_flight or maybe else Outcome.FAILED
+
+
+AnyWriteQuorum = WriteQuorum | JointWriteQuorum
 
 
 @dataclass

@@ -1,20 +1,24 @@
-"""The node's service tree: the storage engine, then the HTTP listeners."""
+"""The node's service tree: the storage engine and the cluster map, then the HTTP listeners."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from shardkv.core.clustermap import ClusterMap
 from shardkv.core.versions import VersionClock
-from shardkv.errors import StorageStartupError
+from shardkv.errors import ShardkvError, StorageStartupError
 from shardkv.node.app import NodeApp
 from shardkv.node.handoff import HintHandoff
+from shardkv.node.mapstore import MapStore
 from shardkv.node.members import MemberOnlyClient, Members
+from shardkv.node.mover import Mover
 from shardkv.node.store import NodeStore
 from shardkv.node.tombstones import DEFAULT_GRACE_SECONDS, TombstoneCollector
 from shardkv.periodic import cooperator_on
@@ -37,16 +41,24 @@ class NodeService(MultiService):
     """Opens the engine before listening and closes it after the last request.
 
     The engine is opened in startService, not at construction, because twistd
-    may fork to daemonize in between and LMDB must not cross a fork.
+    may fork to daemonize in between and LMDB must not cross a fork. The map
+    store reads its state from the engine right after (so the fence holds
+    from the first request), and the mover resumes a move only then.
     """
 
-    def __init__(self, engine: StorageEngine) -> None:
+    def __init__(
+        self, engine: StorageEngine, mapstore: MapStore | None = None, mover: Mover | None = None
+    ) -> None:
         super().__init__()
         self.engine = engine
+        self.mapstore = mapstore
+        self.mover = mover
 
     def startService(self) -> None:
         try:
             self.engine.start()
+            if self.mapstore is not None:
+                self.mapstore.load()
         except StorageStartupError as e:
             # A clear one-line reason beats a traceback: the operator must act.
             message = f"shardkv: cannot start the node: {e}"
@@ -54,6 +66,8 @@ class NodeService(MultiService):
             # twistd has replaced sys.stderr with its log by now; say it on the terminal too.
             print(message, file=sys.__stderr__, flush=True)
             raise SystemExit(1) from None
+        if self.mover is not None:
+            self.mover.start()
         super().startService()
 
     def stopService(self) -> Deferred[None]:
@@ -62,6 +76,8 @@ class NodeService(MultiService):
 
     async def _stop(self) -> None:
         await super().stopService()
+        if self.mover is not None:
+            self.mover.stop()
         await self.engine.stop()
 
 
@@ -92,8 +108,26 @@ def make_node_service(
     """
     known = Members(members)
     versions = VersionClock(node_id, now_ms)
-    store = NodeStore(node_id, engine, versions, max_value_bytes, now_ms, members=known)
-    app = NodeApp(store, Guard(token))
+    mapstore = MapStore(node_id, engine)
+    store = NodeStore(
+        node_id, engine, versions, max_value_bytes, now_ms, members=known, mapstore=mapstore
+    )
+    client = HTTPClientService(reactor, max_per_host=16, token=token, ca_file=ca_file)
+    urls = None if ca_file is None else SchemeURLs("https")
+    peers = MemberOnlyClient(
+        known,
+        client,
+        reactor,
+        peer_timeout,
+        pipeline_depth=1,
+        urls=urls,
+        epoch=lambda: mapstore.epoch or None,
+    )
+    peers.newer_map = partial(_learn_from_peer, mapstore)
+    mover = Mover(node_id, engine, mapstore, peers, reactor)
+    app = NodeApp(store, Guard(token), mover=mover)
+    service = NodeService(engine, mapstore, mover)
+    client.setServiceParent(service)
     site = make_site(
         app.resource(),
         body_limit_for(max_value_bytes, replica_routes=True),
@@ -103,11 +137,6 @@ def make_node_service(
         max_connections=max_connections,
         max_inflight_bytes=max_inflight_bytes,
     )
-    service = NodeService(engine)
-    client = HTTPClientService(reactor, max_per_host=16, token=token, ca_file=ca_file)
-    client.setServiceParent(service)
-    urls = None if ca_file is None else SchemeURLs("https")
-    peers = MemberOnlyClient(known, client, reactor, peer_timeout, pipeline_depth=1, urls=urls)
     handoff = HintHandoff(engine, peers)
     handoff.service(handoff_interval, reactor).setServiceParent(service)
     collector = TombstoneCollector(
@@ -118,3 +147,24 @@ def make_node_service(
         listener = listening_service(reactor, description, site, owner="node", echo=echo_errors)
         listener.setServiceParent(service)
     return service
+
+
+def _learn_from_peer(mapstore: MapStore, map_json: dict[str, Any]) -> None:
+    """A peer refused a hint as stale and sent its map: learn it too.
+
+    A node holds only maps a majority chose, so the peer's is safe to take;
+    it spares this node the wait for the proxy's next push, and the hints go
+    out again at the new epoch."""
+    try:
+        m = ClusterMap.from_json(map_json)
+    except ShardkvError as e:
+        log.warn("a peer sent a map that does not parse: {error}", error=e.message)
+        return
+    d = mapstore.learn(m)
+    d.addErrback(
+        lambda f: log.warn(
+            "could not learn map epoch {epoch} from a peer: {error}",
+            epoch=m.epoch,
+            error=f.getErrorMessage(),
+        )
+    )

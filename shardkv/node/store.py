@@ -8,6 +8,11 @@ check and the write. The replica routes store records minted elsewhere, only
 if they are newer, or keep them as hints for a node that was down.
 
 Reads answer inline; writes fire once the engine made them durable.
+
+The store also holds the node's cluster map (L{MapStore}): the replica routes
+check each call's epoch against it (L{MapStore.check_epoch}) in the same
+reactor turn that queues the call's writes, which is what makes the fence
+hold (see L{shardkv.node.mapstore}).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from shardkv.errors import (
     ShardkvError,
     ValueTooLarge,
 )
+from shardkv.node.mapstore import MapStore
 from shardkv.node.members import Members
 from shardkv.replica import codec
 from shardkv.storage.engine import StorageEngine
@@ -48,10 +54,15 @@ class NodeStore:
         max_value_bytes: int,
         now_ms: Callable[[], int],
         members: Members | None = None,
+        mapstore: MapStore | None = None,
     ) -> None:
-        """``members``: the cluster as this node knows it; without them every hint is refused."""
+        """``members``: the cluster as this node knows it; without them every hint is refused.
+        ``mapstore``: the node's cluster map (a fresh, blank one by default); the
+        members follow it once it holds a map."""
         self.node_id = node_id
         self.members = members if members is not None else Members()
+        self.mapstore = mapstore if mapstore is not None else MapStore(node_id, engine)
+        self.members.follow(self.mapstore)
         self.engine = engine
         self.versions = versions
         self.max_value_bytes = max_value_bytes

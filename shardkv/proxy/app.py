@@ -3,10 +3,13 @@
 Serve L{ProxyApp.resource}: it puts the guard (L{shardkv.web.auth}) in front of
 every route. ``/health`` is open; the data API needs the client token when one
 is set; ``/cluster`` and ``/explain`` need the client token when one is set,
-else the cluster token when one is set; any other path is an admin route.
+else the cluster token when one is set; any other path is an admin route,
+``/admin/*`` (L{shardkv.proxy.admin}) among them.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -18,11 +21,16 @@ from shardkv.core.quorum import Consistency
 from shardkv.core.records import Record
 from shardkv.core.versions import Version
 from shardkv.core.writes import WriteResult
+from shardkv.proxy.admin import install_admin_routes
 from shardkv.proxy.coordinator import Coordinator
 from shardkv.proxy.views import cluster_view, explain_key
 from shardkv.web.auth import Guard, GuardedResource, proxy_policy
 from shardkv.web.dataroutes import consistency, install_data_routes, query_key
 from shardkv.web.errors import install_error_handlers, json_body
+
+if TYPE_CHECKING:
+    from shardkv.proxy.changes import MembershipAdmin
+    from shardkv.proxy.rebalancer import Rebalancer
 
 
 class QuorumBackend:
@@ -49,15 +57,24 @@ class QuorumBackend:
 class ProxyApp:
     app = Klein()
     install_data_routes(app)
+    install_admin_routes(app)
     install_error_handlers(app)
 
     def __init__(
-        self, coordinator: Coordinator, max_value_bytes: int, guard: Guard | None = None
+        self,
+        coordinator: Coordinator,
+        max_value_bytes: int,
+        guard: Guard | None = None,
+        admin: MembershipAdmin | None = None,
+        rebalancer: Rebalancer | None = None,
     ) -> None:
-        """Without a ``guard``: no tokens, admin routes for loopback peers only."""
+        """Without a ``guard``: no tokens, admin routes for loopback peers only.
+        Without ``admin`` / ``rebalancer`` their routes answer 404."""
         self.coordinator = coordinator
         self.max_value_bytes = max_value_bytes
         self.guard = guard if guard is not None else Guard()
+        self.admin = admin
+        self.rebalancer = rebalancer
 
     def resource(self) -> Resource:
         """The app behind its guard: what a proxy serves."""
@@ -73,14 +90,27 @@ class ProxyApp:
         return json_body(
             request,
             200,
-            {"status": "ok", "role": "proxy", "nodes_up": up, "nodes_total": len(states)},
+            {
+                "status": "ok",
+                "role": "proxy",
+                "nodes_up": up,
+                "nodes_total": len(states),
+                "map": self.coordinator.view.health_json(),
+            },
         )
 
     @app.route("/cluster", methods=["GET"])
     def cluster(self, request: IRequest) -> bytes:
         c = self.coordinator
+        rebalance = None if self.rebalancer is None else self.rebalancer.status
         view = cluster_view(
-            c.ring, c.health, c.replica_client, c.hints, c.quorum_sizes(Consistency())
+            c.ring,
+            c.health,
+            c.replica_client,
+            c.hints,
+            c.quorum_sizes(Consistency()),
+            view=c.view,
+            rebalance=rebalance,
         )
         return json_body(request, 200, view)
 

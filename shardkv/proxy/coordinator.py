@@ -22,20 +22,39 @@ When a quorum cannot be had it raises:
   outcome that may have been applied is never "overloaded".
 
 Replicas that missed a write are the business of L{shardkv.proxy.hints}.
+
+Placement comes from the cluster map (L{shardkv.cluster.view.MapView}). Each
+operation captures the view's placement when it is planned and sends every
+replica call at that epoch. Between moves there is one ring and the rules
+above hold as they are. While a move runs its ``copying`` and ``handover``
+phases, reads use the map's read ring and a write whose previous and current
+replica sets differ goes to both and needs W acknowledgements in each
+(L{JointWriteQuorum}); it uses no stand-ins, since a hinted copy counts in
+neither set, but replicas that missed it still get hints.
+
+A node that learned a newer map refuses a call planned at an older one
+(L{NodeHasNewerMap}, nothing applied) and the replica client's hook installs
+that map. A read, or a write known not to have been applied, that failed
+while the epoch changed is run once more at the new epoch. A write whose
+replicate step met such refusals sends the same record (same version) again
+at the new placement, which is idempotent, instead of answering "unknown".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
+from shardkv.cluster.view import MapView, Placement
 from shardkv.core.conditions import Precondition
 from shardkv.core.placement import Ring
 from shardkv.core.quorum import (
+    AnyWriteQuorum,
     Consistency,
+    JointWriteQuorum,
     Outcome,
     QuorumSizes,
     ReadQuorum,
@@ -50,6 +69,7 @@ from shardkv.core.versions import Version, VersionClock
 from shardkv.core.writes import WriteResult, next_tombstone, next_value
 from shardkv.errors import (
     NodeBusy,
+    NodeHasNewerMap,
     Overloaded,
     QuorumTimeout,
     QuorumUnavailable,
@@ -60,6 +80,8 @@ from shardkv.proxy.hints import HintKeeper
 from shardkv.replica.client import ReplicaClient, write_cost
 
 DEFAULT_SIZES = QuorumSizes(n=3, r=2, w=2)
+
+_T = TypeVar("_T")
 
 
 def _reply_kind(failure: Failure) -> Reply:
@@ -83,30 +105,63 @@ def _first(quorum_decided: Callable[[], bool]) -> tuple[Deferred[None], Callable
 class Coordinator:
     def __init__(
         self,
-        ring: Ring,
+        view: MapView | Ring,
         replica_client: ReplicaClient,
         health: HealthMonitor,
         versions: VersionClock,
         hints: HintKeeper,
-        sizes: QuorumSizes = DEFAULT_SIZES,
+        sizes: QuorumSizes | None = None,
     ) -> None:
-        self.ring = ring
+        """``view``: the map to route by. A bare L{Ring} (tests, tools) is served as a
+        provisional map of its nodes with ``sizes``; with a view, N, R and W are the
+        map's and ``sizes`` is ignored."""
+        if isinstance(view, Ring):
+            view = MapView.of_ring(view, sizes or DEFAULT_SIZES)
+        self.view = view
         self.replica_client = replica_client
         self.health = health
         self.versions = versions
         self.hints = hints
-        self.sizes = sizes
         self.repairs = 0
+        self.epoch_retries = 0
 
-    def quorum_sizes(self, c: Consistency) -> QuorumSizes:
+    @property
+    def ring(self) -> Ring:
+        """The ring reads use now (what ``/cluster`` and ``/explain`` show)."""
+        return self.view.read_ring()
+
+    @property
+    def sizes(self) -> QuorumSizes:
+        """The map's N, R and W."""
+        return self.view.placement.sizes
+
+    def quorum_sizes(self, c: Consistency, placement: Placement | None = None) -> QuorumSizes:
         """N, R and W for one request."""
-        return quorum_sizes(self.sizes, len(self.ring.nodes), c)
+        p = placement or self.view.placement
+        return quorum_sizes(p.sizes, p.members, c)
+
+    async def _at_epoch(self, run: Callable[[Placement], Awaitable[_T]], write: bool) -> _T:
+        """``run`` at the current placement, and once more at a newer one if it
+        failed, nothing was applied, and the map changed meanwhile."""
+        placement = self.view.placement
+        try:
+            return await run(placement)
+        except QuorumUnavailable as e:
+            if self.view.epoch == placement.epoch:
+                raise
+            if write and e.details.get("outcome") != "not_applied":
+                raise
+        self.epoch_retries += 1
+        return await run(self.view.placement)
 
     # reads
 
-    async def read_record(self, key: str, n: int, r: int) -> Record | None:
+    async def read_record(
+        self, key: str, n: int, r: int, placement: Placement | None = None
+    ) -> Record | None:
         """The newest record (tombstones included) that R replicas agree exists."""
-        replicas = self.ring.preference_list(key, n)
+        p = placement or self.view.placement
+        replicas = p.read_ring.preference_list(key, n)
         quorum = ReadQuorum(replicas, r)
         busy: set[str] = set()
         done, check = _first(lambda: quorum.outcome() is not None)
@@ -114,18 +169,18 @@ class Coordinator:
         def landed() -> None:
             check()
             if quorum.pending == 0:
-                self._repair(key, quorum)
+                self._repair(key, quorum, p.epoch)
 
         calls = []
         for node in replicas:
             if self.health.is_down(node):
                 quorum.fail(node)
                 continue
-            call = self.replica_client.replica_get(node, key)
+            call = self.replica_client.replica_get(node, key, epoch=p.epoch)
             # A replica with hints still waiting for it may be stale. A read
             # quorum that intersects every write quorum (R + W > N) outvotes
             # it anyway; a smaller one must not count it.
-            counts = r + min(self.sizes.w, n) > n or not self.health.has_hints_waiting(node)
+            counts = r + min(p.map.w, n) > n or not self.health.has_hints_waiting(node)
             call.addCallbacks(
                 self._read_ok,
                 self._read_failed,
@@ -181,22 +236,25 @@ class Coordinator:
         message = f"only {quorum.answered} of the {r} replicas needed could be read{down}"
         return QuorumUnavailable(message, **details)
 
-    def _repair(self, key: str, quorum: ReadQuorum) -> None:
+    def _repair(self, key: str, quorum: ReadQuorum, epoch: int) -> None:
         """Bring replicas that answered with an older record (or none) up to date."""
         newest = quorum.newest()
         if newest is None:
             return
         for node in quorum.stale():
             self.repairs += 1
-            call = self.replica_client.replica_put(node, key, newest)
+            call = self.replica_client.replica_put(node, key, newest, epoch=epoch)
             call.addErrback(self._repair_failed, node)
 
     def _repair_failed(self, failure: Failure, node: str) -> None:
         self.health.call_failed(node, failure.value)
 
     async def read(self, key: str, c: Consistency) -> Record | None:
-        n, r, _ = self.quorum_sizes(c)
-        record = await self.read_record(key, n, r)
+        async def run(p: Placement) -> Record | None:
+            n, r, _ = self.quorum_sizes(c, p)
+            return await self.read_record(key, n, r, p)
+
+        record = await self._at_epoch(run, write=False)
         return None if record is None or record.tombstone else record
 
     # writes
@@ -204,33 +262,90 @@ class Coordinator:
     async def write(
         self, key: str, value: bytes, content_type: str, pre: Precondition, c: Consistency
     ) -> WriteResult:
-        n, r, w = self.quorum_sizes(c)
-        current = await self._version_read(key, n, r)
-        record, result = next_value(current, pre, self.versions, value, content_type)
-        await self._replicate(key, record, n, w, c.sloppy)
-        return result
+        async def run(p: Placement) -> WriteResult:
+            n, r, w = self.quorum_sizes(c, p)
+            current = await self._version_read(key, n, r, p)
+            record, result = next_value(current, pre, self.versions, value, content_type)
+            await self._replicate(key, record, n, w, c.sloppy, p)
+            return result
+
+        return await self._at_epoch(run, write=True)
 
     async def remove(self, key: str, pre: Precondition, c: Consistency) -> Version:
-        n, r, w = self.quorum_sizes(c)
-        current = await self._version_read(key, n, r)
-        record = next_tombstone(key, current, pre, self.versions)
-        await self._replicate(key, record, n, w, c.sloppy)
-        return record.version
+        async def run(p: Placement) -> Version:
+            n, r, w = self.quorum_sizes(c, p)
+            current = await self._version_read(key, n, r, p)
+            record = next_tombstone(key, current, pre, self.versions)
+            await self._replicate(key, record, n, w, c.sloppy, p)
+            return record.version
 
-    async def _version_read(self, key: str, n: int, r: int) -> Record | None:
+        return await self._at_epoch(run, write=True)
+
+    async def _version_read(self, key: str, n: int, r: int, p: Placement) -> Record | None:
         """A write's first step; if it fails, nothing was written."""
         try:
-            return await self.read_record(key, n, r)
+            return await self.read_record(key, n, r, p)
         except QuorumUnavailable as e:
             e.details["outcome"] = "not_applied"
             raise
 
-    async def _replicate(self, key: str, record: Record, n: int, w: int, sloppy: bool) -> None:
-        preference = self.ring.preference_list(key, len(self.ring.nodes))
-        targets = replica_targets(preference, n, self.health.is_down)
-        quorum = WriteQuorum(targets, w, sloppy)
-        if quorum.pending < w:
+    async def _replicate(
+        self,
+        key: str,
+        record: Record,
+        n: int,
+        w: int,
+        sloppy: bool,
+        placement: Placement | None = None,
+    ) -> None:
+        """Send ``record`` to its replicas; once more, at the new placement, if
+        nodes refused it for a stale epoch and the map changed meanwhile."""
+        p = placement or self.view.placement
+        stale: list[NodeHasNewerMap] = []
+        try:
+            await self._replicate_at(key, record, n, w, sloppy, p, stale)
+        except QuorumUnavailable as first:
+            now = self.view.placement
+            if not stale or now.epoch == p.epoch:
+                raise
+            self.epoch_retries += 1
+            n2 = min(n, now.members)
+            w2 = min(w, n2)
+            try:
+                await self._replicate_at(key, record, n2, w2, sloppy, now, [])
+            except QuorumUnavailable as second:
+                if first.details.get("outcome") != "not_applied":
+                    second.details["outcome"] = "unknown"
+                raise
+
+    async def _replicate_at(
+        self,
+        key: str,
+        record: Record,
+        n: int,
+        w: int,
+        sloppy: bool,
+        p: Placement,
+        stale: list[NodeHasNewerMap],
+    ) -> None:
+        sets = p.write_sets(key, n)
+        quorum: AnyWriteQuorum
+        if len(sets) > 1 and any(set(s) != set(sets[0]) for s in sets[1:]):
+            quorum = JointWriteQuorum(sets, w)
+            targets = list(quorum.targets)
+            current = p.write_rings[-1].preference_list(key, len(p.write_rings[-1].nodes))
+            preference = current + [t.node for t in targets if t.node not in current]
+            down = [t.node for t in targets if self.health.is_down(t.node)]
+            for node in down:
+                quorum.add(Target(node), Reply.FAILED)
+            targets = [t for t in targets if t.node not in down]
+        else:
+            ring = p.write_rings[-1]
+            preference = ring.preference_list(key, len(ring.nodes))
+            targets = replica_targets(preference, n, self.health.is_down)
+            quorum = WriteQuorum(targets, w, sloppy)
             down = [node for node in preference[:n] if self.health.is_down(node)]
+        if not quorum.reachable():
             raise QuorumUnavailable(
                 f"W={w} replicas are needed but {', '.join(down)} "
                 f"{'is' if len(down) == 1 else 'are'} down; nothing was written",
@@ -239,7 +354,7 @@ class Coordinator:
                 outcome="not_applied",
                 down=down,
             )
-        self._admit(targets, w, sloppy, write_cost(key, record))
+        self._admit(quorum, targets, w, write_cost(key, record))
         busy: set[Target] = set()
         decided, check = _first(lambda: quorum.outcome() is not None)
 
@@ -249,12 +364,14 @@ class Coordinator:
                 self.hints.missed(key, record, quorum, preference, n)
 
         for target in targets:
-            call = self.replica_client.replica_put(target.node, key, record, target.hint_for)
+            call = self.replica_client.replica_put(
+                target.node, key, record, target.hint_for, epoch=p.epoch
+            )
             call.addCallbacks(
                 self._write_ok,
                 self._write_failed,
                 callbackArgs=(quorum, target, landed),
-                errbackArgs=(quorum, target, landed, busy),
+                errbackArgs=(quorum, target, landed, busy, stale),
             )
         check()
         await decided
@@ -262,7 +379,7 @@ class Coordinator:
         if outcome is Outcome.OK:
             return
         counts = {"acks": quorum.acks, "required": w}
-        if outcome is Outcome.FAILED and busy.issuperset(quorum.replies):
+        if outcome is Outcome.FAILED and busy and busy.issuperset(quorum.replies):
             raise Overloaded(
                 f"only {quorum.acks} of the {w} replicas needed had room for the write; "
                 "nothing was written, try again shortly",
@@ -296,7 +413,7 @@ class Coordinator:
         quorum.add(target, Reply.OK)
         landed()
 
-    def _admit(self, targets: list[Target], w: int, sloppy: bool, size: int) -> None:
+    def _admit(self, quorum: AnyWriteQuorum, targets: list[Target], w: int, size: int) -> None:
         """Refuse the write, before anything is sent, unless W targets have room for it."""
         need: dict[str, int] = {}
         busy: list[Target] = []
@@ -306,10 +423,14 @@ class Coordinator:
                 busy.append(target)
         if not busy:
             return
-        probe = WriteQuorum(targets, w, sloppy)
+        probe: AnyWriteQuorum
+        if isinstance(quorum, JointWriteQuorum):
+            probe = JointWriteQuorum(quorum.sets, w, dict(quorum.replies))
+        else:
+            probe = WriteQuorum(quorum.targets, w, quorum.sloppy, dict(quorum.replies))
         for target in busy:
             probe.add(target, Reply.FAILED)
-        if probe.acks + probe.pending >= w:
+        if probe.reachable():
             return
         nodes = sorted({t.node for t in busy})
         raise Overloaded(
@@ -329,9 +450,12 @@ class Coordinator:
         target: Target,
         landed: Any,
         busy: set[Target],
+        stale: list[NodeHasNewerMap],
     ) -> None:
         self.health.call_failed(target.node, failure.value)
         if isinstance(failure.value, NodeBusy):
             busy.add(target)
+        if isinstance(failure.value, NodeHasNewerMap):
+            stale.append(failure.value)
         quorum.add(target, _reply_kind(failure))
         landed()

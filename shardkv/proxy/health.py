@@ -19,6 +19,10 @@ cluster into a failing one. So the rule is:
   marked down after ``strikes`` consecutive strikes, and any answer clears
   them.
 
+The nodes checked follow the cluster map (L{HealthMonitor.follow}): a new
+member is checked from the next round on (and counts as up until then), a
+removed one is dropped.
+
 A killed node refuses connections, so it is down at its first failed request
 or check. A paused one (SIGSTOP) accepts connections and answers nothing, so
 it is down after ``strikes`` checks: about ``strikes * (check_timeout +
@@ -84,13 +88,27 @@ class HealthMonitor:
         self.states = {node: NodeState() for node in nodes}
 
     def is_down(self, node: str) -> bool:
-        return self.states[node].status == "down"
+        state = self.states.get(node)
+        return state is not None and state.status == "down"
 
     def state(self, node: str) -> NodeState:
-        return self.states[node]
+        """The node's state; one not followed (yet) is unknown."""
+        return self.states.get(node) or NodeState()
+
+    def follow(self, nodes: Iterable[str]) -> None:
+        """Check exactly ``nodes`` from now on: new ones start unknown, dropped ones go."""
+        wanted = set(nodes)
+        for node in list(self.states):
+            if node not in wanted:
+                del self.states[node]
+                log.info("no longer checking {node}: it left the cluster map", node=node)
+        for node in sorted(wanted - self.states.keys()):
+            self.states[node] = NodeState()
 
     def mark(self, node: str, up: bool, error: str = "") -> None:
-        state = self.states[node]
+        state = self.states.get(node)
+        if state is None:
+            return
         now = self._clock.seconds()
         status = "up" if up else "down"
         if state.status != status:

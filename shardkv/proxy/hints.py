@@ -5,7 +5,8 @@ acknowledge gets the record as a hint on another node (``?hint_for=HOME``),
 which hands it back when HOME returns (L{shardkv.node.handoff}). A record
 that no node could take waits here, in a bounded queue, and is retried every
 second; only a proxy restart (or an overflowing queue) leaves it to read
-repair.
+repair. A record queued for a node that has since left the cluster map is
+dropped: the node will never need it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from shardkv.cluster.view import MapView
 from shardkv.core.placement import Ring
-from shardkv.core.quorum import Outcome, Reply, WriteQuorum
+from shardkv.core.quorum import AnyWriteQuorum, Outcome, Reply
 from shardkv.core.records import Record
 from shardkv.proxy.health import HealthMonitor
 from shardkv.replica.client import ReplicaClient
@@ -27,19 +29,33 @@ DEFAULT_MAX_UNDELIVERED = 100_000
 class HintKeeper:
     def __init__(
         self,
-        ring: Ring,
+        view: MapView | Ring,
         replica_client: ReplicaClient,
         health: HealthMonitor,
         max_undelivered: int = DEFAULT_MAX_UNDELIVERED,
     ) -> None:
-        self.ring = ring
+        """``view``: the map whose rings place keys (a bare L{Ring}: fixed placement)."""
+        self.view = view
         self.replica_client = replica_client
         self.health = health
         self.max_undelivered = max_undelivered
         self.undelivered: dict[tuple[str, str], Record] = {}
 
+    @property
+    def ring(self) -> Ring:
+        """The ring writes go to now (the current one while a move runs)."""
+        if isinstance(self.view, Ring):
+            return self.view
+        return self.view.write_rings()[-1]
+
+    def _epoch(self) -> int | None:
+        return None if isinstance(self.view, Ring) else self.view.epoch
+
+    def _member(self, node: str) -> bool:
+        return isinstance(self.view, Ring) or node in self.view.nodes()
+
     def missed(
-        self, key: str, record: Record, quorum: WriteQuorum, preference: list[str], n: int
+        self, key: str, record: Record, quorum: AnyWriteQuorum, preference: list[str], n: int
     ) -> None:
         """Once every target answered: make sure each replica that missed the write gets it.
 
@@ -64,7 +80,9 @@ class HintKeeper:
                 continue
             hint_for = None if holder == home else home
             try:
-                await self.replica_client.replica_put(holder, key, record, hint_for)
+                await self.replica_client.replica_put(
+                    holder, key, record, hint_for, epoch=self._epoch()
+                )
             except Exception as e:
                 self.health.call_failed(holder, e)
                 continue
@@ -89,5 +107,8 @@ class HintKeeper:
             if self.undelivered.get((home, key)) is not record:
                 continue
             del self.undelivered[(home, key)]
-            preference = self.ring.preference_list(key, len(self.ring.nodes))
+            if not self._member(home):
+                continue
+            ring = self.ring
+            preference = ring.preference_list(key, len(ring.nodes))
             await self._keep_for(home, key, record, [home, *(p for p in preference if p != home)])

@@ -1,23 +1,36 @@
-"""The proxy's service tree: the HTTP client, health checks, listeners."""
+"""The proxy's service tree: the HTTP client, the cluster map, health checks, listeners.
+
+The proxy routes by the cluster map on its nodes (L{shardkv.cluster}): it
+starts from a provisional map of ``--nodes`` and its L{MapSync} bootstraps
+(or adopts) the real one at start, then keeps up with it. The parts are
+kept on the returned L{ProxyService} (L{ProxyParts}), so that the admin
+routes can use the same view, proposer and sync.
+"""
 
 from __future__ import annotations
 
+import random
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService
 
-from shardkv.core.placement import Ring
+from shardkv.cluster.proposer import MapProposer
+from shardkv.cluster.sync import MapSync
+from shardkv.cluster.view import MapView
+from shardkv.core.placement import DEFAULT_VNODES
 from shardkv.core.quorum import QuorumSizes
 from shardkv.core.versions import VersionClock
 from shardkv.periodic import periodic
 from shardkv.proxy.allocator import AllocatorTuning
 from shardkv.proxy.app import ProxyApp
+from shardkv.proxy.changes import MembershipAdmin
 from shardkv.proxy.coordinator import Coordinator
 from shardkv.proxy.health import HealthMonitor
 from shardkv.proxy.hints import HintKeeper
-from shardkv.proxy.members import MemberAnnouncer
+from shardkv.proxy.rebalancer import Rebalancer
 from shardkv.replica.client import DEFAULT_NODE_INFLIGHT_BYTES, ReplicaClient
 from shardkv.web.auth import Guard
 from shardkv.web.dataroutes import body_limit_for
@@ -34,6 +47,68 @@ from shardkv.web.site import (
 DEFAULT_PIPELINE_DEPTH = 1
 """Batches in flight per node: enough to keep a node busy while the next
 batch fills, few enough that batches grow under load."""
+
+
+class NodeURLs(Mapping[str, str]):
+    """Each node's base URL: the one given for it, else ``{scheme}://{node}``.
+
+    Members that join later are named by id only, so they are reached with
+    the scheme of the ``--nodes`` entries (https with ``--ca-file``)."""
+
+    def __init__(self, given: Mapping[str, str], scheme: str) -> None:
+        self.given = dict(given)
+        self.scheme = scheme
+
+    def __getitem__(self, node: str) -> str:
+        return self.given.get(node) or f"{self.scheme}://{node}"
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.given)
+
+    def __len__(self) -> int:
+        return len(self.given)
+
+
+@dataclass
+class ProxyParts:
+    """What a proxy is made of, for the app (and its admin routes) to use."""
+
+    reactor: Any
+    replica_client: ReplicaClient
+    view: MapView
+    proposer: MapProposer
+    sync: MapSync
+    health: HealthMonitor
+    hints: HintKeeper
+    coordinator: Coordinator
+    guard: Guard
+    max_value_bytes: int
+    rebalance_rate: int = 0
+
+
+class ProxyService(MultiService):
+    """The proxy's tree, with its L{ProxyParts} and app."""
+
+    parts: ProxyParts
+    app: Any
+
+
+def default_app(parts: ProxyParts) -> ProxyApp:
+    """The proxy's app with its admin routes and the move's orchestration."""
+    nodes, reactor = parts.replica_client, parts.reactor
+    rebalancer = Rebalancer(parts.view, parts.sync, parts.proposer, nodes, reactor)
+    admin = MembershipAdmin(
+        parts.view,
+        parts.sync,
+        parts.proposer,
+        nodes,
+        reactor,
+        rate=parts.rebalance_rate,
+        status=rebalancer.status,
+    )
+    return ProxyApp(
+        parts.coordinator, parts.max_value_bytes, parts.guard, admin=admin, rebalancer=rebalancer
+    )
 
 
 def make_proxy_service(
@@ -62,7 +137,10 @@ def make_proxy_service(
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_inflight_bytes: int = PROXY_MAX_INFLIGHT_BYTES,
-) -> MultiService:
+    rebalance_rate: int = 0,
+    map_interval: float = 1.0,
+    app_factory: Callable[[ProxyParts], Any] = default_app,
+) -> ProxyService:
     """The proxy: ring, node client, health checks and coordinator behind a Site.
 
     ``writer_id`` names this proxy in the versions it mints; a random
@@ -70,26 +148,62 @@ def make_proxy_service(
     ``token`` is the cluster token, sent to nodes and required on admin routes
     (None: protected mode); ``client_token`` guards the data API. ``urls`` gives
     nodes' base URLs (``https://host:port``; default ``http://{node}``), and
-    ``ca_file`` the CAs their certificates must chain to.
+    ``ca_file`` the CAs their certificates must chain to. ``nodes``, ``replicas``,
+    ``r``, ``w`` and ``vnodes`` seed the cluster map on blank nodes; nodes that hold
+    a map win. ``map_interval``: seconds between polls of the nodes' maps.
+    ``app_factory`` builds the Klein app from the parts (default: L{ProxyApp}).
     """
-    service = MultiService()
+    service = ProxyService()
     AllocatorTuning().setServiceParent(service)
     client = HTTPClientService(reactor, max_per_host=pool_size, token=token, ca_file=ca_file)
     client.setServiceParent(service)
+    given = dict(urls or {})
+    https = ca_file is not None or any(u.startswith("https://") for u in given.values())
     replica_client = ReplicaClient(
-        client, reactor, timeout, pipeline_depth, urls=urls, node_inflight_bytes=node_inflight_bytes
+        client,
+        reactor,
+        timeout,
+        pipeline_depth,
+        urls=NodeURLs(given, "https" if https else "http"),
+        node_inflight_bytes=node_inflight_bytes,
     )
-    ring = Ring(nodes) if vnodes is None else Ring(nodes, vnodes=vnodes)
-    announcer = MemberAnnouncer(ring.nodes, replica_client.health, replica_client)
-    health = HealthMonitor(ring.nodes, announcer.check, reactor, health_interval)
-    health.service().setServiceParent(service)
-    writer = f"{writer_id or 'proxy'}.{secrets.token_hex(3)}"
-    versions = VersionClock(writer, lambda: int(reactor.seconds() * 1000) + clock_offset_ms)
-    hints = HintKeeper(ring, replica_client, health)
-    periodic(1.0, hints.retry, reactor).setServiceParent(service)
     sizes = QuorumSizes(replicas, r, w)
-    coordinator = Coordinator(ring, replica_client, health, versions, hints, sizes)
-    app = ProxyApp(coordinator, max_value_bytes, Guard(token, client_token))
+    vnodes = DEFAULT_VNODES if vnodes is None else vnodes
+    view = MapView.from_nodes(nodes, sizes, vnodes)
+    replica_client.newer_map = view.install_json
+    writer = f"{writer_id or 'proxy'}.{secrets.token_hex(3)}"
+    proposer = MapProposer(replica_client, writer, reactor, random.Random())
+    sync = MapSync(
+        view, proposer, replica_client, reactor, nodes, sizes, vnodes, interval=map_interval
+    )
+    health = HealthMonitor(
+        view.nodes(), sync.health_check(replica_client.health), reactor, health_interval
+    )
+    view.subscribe(lambda m: health.follow(m.acceptors()))
+    health.service().setServiceParent(service)
+    versions = VersionClock(writer, lambda: int(reactor.seconds() * 1000) + clock_offset_ms)
+    hints = HintKeeper(view, replica_client, health)
+    periodic(1.0, hints.retry, reactor).setServiceParent(service)
+    sync.service().setServiceParent(service)
+    coordinator = Coordinator(view, replica_client, health, versions, hints)
+    guard = Guard(token, client_token)
+    parts = ProxyParts(
+        reactor,
+        replica_client,
+        view,
+        proposer,
+        sync,
+        health,
+        hints,
+        coordinator,
+        guard,
+        max_value_bytes,
+        rebalance_rate,
+    )
+    app = app_factory(parts)
+    service.parts, service.app = parts, app
+    if isinstance(app, ProxyApp) and app.rebalancer is not None:
+        app.rebalancer.service().setServiceParent(service)
     site = make_site(
         app.resource(),
         body_limit_for(max_value_bytes),

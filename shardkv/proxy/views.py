@@ -7,10 +7,12 @@ coordinator works inside.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 
+from shardkv.cluster.view import MapView
 from shardkv.core.placement import Ring
 from shardkv.core.quorum import QuorumSizes
 from shardkv.proxy.health import HealthMonitor
@@ -24,7 +26,11 @@ def cluster_view(
     replica_client: ReplicaClient,
     hints: HintKeeper,
     sizes: QuorumSizes,
+    view: MapView | None = None,
+    rebalance: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """``view``: the map (its epoch and members are shown); ``rebalance``: the
+    progress of a move, as ``GET /admin/rebalance`` gives it."""
     shares = ring.shares()
     vnodes = ring.vnode_counts()
     nodes = [
@@ -39,13 +45,31 @@ def cluster_view(
         }
         for node in ring.nodes
     ]
-    return {
+    result: dict[str, Any] = {
         "replicas": sizes.n,
         "r": sizes.r,
         "w": sizes.w,
         "undelivered": len(hints.undelivered),
         "nodes": nodes,
     }
+    if view is not None:
+        m = view.current
+        result["epoch"] = m.epoch
+        result["provisional"] = view.provisional
+        result["phase"] = None if m.move is None else m.move.phase.value
+        result["members"] = [
+            {
+                "id": member.id,
+                "address": member.address,
+                "weight": member.weight,
+                "state": member.state.value,
+                "health": health.state(member.id).as_json(),
+            }
+            for member in m.members
+        ]
+    if rebalance is not None:
+        result["rebalance"] = rebalance()
+    return result
 
 
 async def explain_key(

@@ -23,18 +23,30 @@ go through one L{NodePipeline} per node and travel in batches.
 
 A cancellation from above (the client hung up) is re-raised as a bare
 CancelledError, which Klein drops silently.
+
+Every replica read and write may carry the map epoch it was planned at
+(L{EPOCH_HEADER}); a node that learned a newer map refuses it with 409
+``stale_epoch`` and the map, raised here as L{NodeHasNewerMap} (nothing was
+applied) after the L{ReplicaClient.newer_map} hook saw the map, so a proxy
+switches on the first such answer. Pipelines are kept per epoch, so one batch
+never mixes operations planned at different epochs (the node refuses a batch
+whole).
+
+The map routes (``/replica/map``, prepare, accept, learn) and the move routes
+(``/replica/move``, plan, stream) are plain JSON calls with the same failures.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import treq
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from shardkv.core.records import Record
@@ -42,6 +54,7 @@ from shardkv.core.versions import VersionError
 from shardkv.errors import (
     BadReplicaAnswer,
     NodeBusy,
+    NodeHasNewerMap,
     NodeTimeout,
     NodeUnreachable,
     ReplicaCallFailed,
@@ -51,8 +64,17 @@ from shardkv.replica import codec
 from shardkv.replica.pipeline import NodePipeline
 from shardkv.replica.protocol import (
     BATCH_PATH,
+    EPOCH_HEADER,
     HEALTH_PATH,
+    MAP_ACCEPT_PATH,
+    MAP_LEARN_PATH,
+    MAP_PATH,
+    MAP_PREPARE_PATH,
     MEMBERS_PATH,
+    MOVE_PATH,
+    PLAN_KEYS_PATH,
+    PLAN_PATH,
+    STREAM_PATH,
     TOMBSTONE_HEADER,
     VERSION_HEADER,
     key_path,
@@ -60,6 +82,8 @@ from shardkv.replica.protocol import (
     record_headers,
     replica_put_path,
 )
+
+log = Logger(namespace="shardkv.replica.client")
 
 _NOT_SENT = (
     neterror.ConnectionRefusedError,
@@ -78,6 +102,22 @@ stays bounded."""
 RECORD_OVERHEAD = 64
 """Bytes a replica write costs beyond its key, value and content type: the
 version, headers and framing, rounded up."""
+
+
+PLAN_TIMEOUT = 120.0
+"""Seconds a plan call may take: the node scans and hashes all its records."""
+
+_JSON = {b"Content-Type": b"application/json"}
+
+
+def epoch_headers(
+    epoch: int | None, headers: Mapping[bytes, bytes] | None = None
+) -> dict[bytes, bytes]:
+    """``headers`` plus the epoch fence (none when ``epoch`` is None: no check)."""
+    out = dict(headers or {})
+    if epoch is not None:
+        out[EPOCH_HEADER] = str(epoch).encode("ascii")
+    return out
 
 
 def write_cost(key: str, record: Record) -> int:
@@ -113,39 +153,67 @@ class ReplicaClient:
         self._clock = clock
         self.timeout = timeout
         self.pipeline_depth = pipeline_depth
-        self.pipelines: dict[tuple[str, str], NodePipeline] = {}
+        self.pipelines: dict[tuple[str, str, int | None], NodePipeline] = {}
+        self.newer_map: Callable[[dict[str, Any]], object] | None = None
+        """Called with the map of every ``stale_epoch`` answer (the proxy installs it)."""
         self.node_inflight_bytes = node_inflight_bytes
         self.inflight_bytes: dict[str, int] = {}
         self.busy: dict[str, int] = {}
 
-    def _pipeline(self, node: str, kind: str) -> NodePipeline | None:
-        """The node's pipeline for reads or for writes.
+    def _pipeline(self, node: str, kind: str, epoch: int | None = None) -> NodePipeline | None:
+        """The node's pipeline for reads or for writes planned at ``epoch``.
 
         Reads and writes queue apart so that a read never waits behind a
-        batch of writes that is waiting for its group commit.
+        batch of writes that is waiting for its group commit. Epochs queue
+        apart because a node refuses a batch whole when its epoch is stale:
+        an operation planned at the new epoch must not fail with an old one.
+        Once a newer epoch is used, the older pipelines leave the dict (what
+        they hold still lands); an operation planned at an epoch older than
+        the newest gets a pipeline of its own that is not kept.
         """
         if self.pipeline_depth <= 0:
             return None
-        pipeline = self.pipelines.get((node, kind))
-        if pipeline is None:
-            pipeline = NodePipeline(
-                node,
-                lambda n, ops: Deferred.fromCoroutine(self.send_batch(n, ops)),
-                self._clock,
-                self.timeout,
-                self.pipeline_depth,
-            )
-            self.pipelines[(node, kind)] = pipeline
+        pipeline = self.pipelines.get((node, kind, epoch))
+        if pipeline is not None:
+            return pipeline
+        older: list[tuple[str, str, int | None]] = []
+        if epoch is not None:
+            for key in self.pipelines:
+                e = key[2]
+                if key[0] == node and key[1] == kind and e is not None:
+                    if e > epoch:
+                        return self._new_pipeline(node, epoch)
+                    older.append(key)
+        pipeline = self._new_pipeline(node, epoch)
+        for key in older:
+            retired = self.pipelines.pop(key)
+            # The counters carry on, so /cluster's totals do not restart.
+            pipeline.batches += retired.batches
+            pipeline.ops += retired.ops
+        self.pipelines[(node, kind, epoch)] = pipeline
         return pipeline
+
+    def _new_pipeline(self, node: str, epoch: int | None) -> NodePipeline:
+        return NodePipeline(
+            node,
+            lambda n, ops: Deferred.fromCoroutine(self.send_batch(n, ops, epoch)),
+            self._clock,
+            self.timeout,
+            self.pipeline_depth,
+        )
 
     def pipeline_stats(self, node: str) -> dict[str, dict[str, int]]:
         """Batches and operations sent so far to ``node``, and what is waiting;
         once it has been written to, its record bytes in flight (``bytes``)."""
-        stats = {
-            kind: pipeline.stats()
-            for (name, kind), pipeline in sorted(self.pipelines.items())
-            if name == node
-        }
+        stats: dict[str, dict[str, int]] = {}
+        for (name, kind, _), pipeline in self.pipelines.items():
+            if name != node:
+                continue
+            now = pipeline.stats()
+            if kind in stats:
+                now = {k: v + stats[kind].get(k, 0) for k, v in now.items()}
+            stats[kind] = now
+        stats = dict(sorted(stats.items()))
         if node in self.inflight_bytes:
             stats["bytes"] = {
                 "in_flight": self.inflight_bytes[node],
@@ -171,14 +239,27 @@ class ReplicaClient:
         self.inflight_bytes[node] -= size
         return result
 
-    async def send_batch(self, node: str, ops: Sequence[codec.Op]) -> list[codec.Result]:
+    async def send_batch(
+        self, node: str, ops: Sequence[codec.Op], epoch: int | None = None
+    ) -> list[codec.Result]:
         """Send ``ops`` as one ``POST /replica/batch``; one result per operation."""
+        return await self._send_ops(node, BATCH_PATH, ops, epoch)
+
+    async def send_stream(
+        self, node: str, ops: Sequence[codec.PutOp], epoch: int | None
+    ) -> list[codec.Result]:
+        """Send a move's copies as one ``POST /replica/stream``; one result per record."""
+        return await self._send_ops(node, STREAM_PATH, ops, epoch)
+
+    async def _send_ops(
+        self, node: str, path: str, ops: Sequence[codec.Op], epoch: int | None
+    ) -> list[codec.Result]:
         status, _, body = await self._call(
             node,
             "POST",
-            BATCH_PATH,
+            path,
             data=codec.encode_request(ops),
-            headers={b"Content-Type": b"application/json"},
+            headers=epoch_headers(epoch, _JSON),
         )
         if status != 200:
             raise self._node_error(node, status, body)
@@ -192,8 +273,10 @@ class ReplicaClient:
         return ReplicaRefused(node, result.error, result.message)
 
     async def _call(
-        self, node: str, method: str, path: str, **kwargs: Any
+        self, node: str, method: str, path: str, timeout: float | None = None, **kwargs: Any
     ) -> tuple[int, Any, bytes]:
+        """One exchange with ``node`` within ``timeout`` seconds (default: the client's)."""
+        seconds = self.timeout if timeout is None else timeout
         url = f"{self._urls.get(node, f'http://{node}')}{path}".encode("ascii")
 
         async def exchange() -> tuple[int, Any, bytes]:
@@ -212,53 +295,71 @@ class ReplicaClient:
             return result
 
         d = Deferred.fromCoroutine(exchange())
-        d.addTimeout(self.timeout, self._clock, on_timeout)
+        d.addTimeout(seconds, self._clock, on_timeout)
         try:
             return await d
         except _NOT_SENT as e:
             raise NodeUnreachable(node, str(e) or type(e).__name__, sent=False) from None
         except (ResponseNeverReceived, ResponseFailed, neterror.ConnectionLost) as e:
             if timed_out:
-                raise NodeTimeout(node, self.timeout) from None
+                raise NodeTimeout(node, seconds) from None
             if _cancelled(e):
                 raise CancelledError() from None
             raise NodeUnreachable(node, "the connection broke mid-request", sent=True) from None
         except CancelledError:
             if timed_out:
-                raise NodeTimeout(node, self.timeout) from None
+                raise NodeTimeout(node, seconds) from None
             raise
 
-    @staticmethod
-    def _node_error(node: str, status: int, body: bytes) -> ReplicaCallFailed:
+    def _node_error(self, node: str, status: int, body: bytes) -> ReplicaCallFailed:
         try:
             payload = json.loads(body)
-            return ReplicaRefused(node, str(payload["error"]), str(payload["message"]))
+            code, message = str(payload["error"]), str(payload["message"])
         except (ValueError, KeyError, TypeError):
             return BadReplicaAnswer(node, f"node {node} sent an unexpected answer (HTTP {status})")
+        if status == 409 and code == "stale_epoch":
+            newer = payload.get("map")
+            if isinstance(newer, dict):
+                self._saw_newer_map(newer)
+                return NodeHasNewerMap(node, message, newer)
+        return ReplicaRefused(node, code, message)
 
-    def replica_get(self, node: str, key: str) -> Deferred[Record | None]:
+    def _saw_newer_map(self, newer: dict[str, Any]) -> None:
+        hook = self.newer_map
+        if hook is None:
+            return
+        try:
+            hook(newer)
+        except Exception:
+            # A map the hook cannot take (malformed, another cluster) must not
+            # turn the node's refusal into a crash of the request.
+            log.failure("taking the newer map a node sent")
+
+    def replica_get(self, node: str, key: str, epoch: int | None = None) -> Deferred[Record | None]:
         """The node's stored record for ``key``, tombstones included.
 
         Not a coroutine: on the pipelined path this is the proxy's hottest
         call, and a plain Deferred chain skips a coroutine per replica.
         """
-        pipeline = self._pipeline(node, "read")
+        pipeline = self._pipeline(node, "read", epoch)
         if pipeline is None:
-            return Deferred.fromCoroutine(self._replica_get_alone(node, key))
+            return Deferred.fromCoroutine(self._replica_get_alone(node, key, epoch))
         got: Deferred[Any] = pipeline.submit(codec.GetOp(key))
-        return got.addCallback(self._got, node, key)
+        return got.addCallback(self._got, node, key, epoch)
 
-    def _got(self, result: codec.Result, node: str, key: str) -> Any:
+    def _got(self, result: codec.Result, node: str, key: str, epoch: int | None) -> Any:
         if result.status == 404:
             return None
         if result.status != 200:
             raise self._result_error(node, result)
         if result.inline:
             return result.record
-        return Deferred.fromCoroutine(self._replica_get_alone(node, key))
+        return Deferred.fromCoroutine(self._replica_get_alone(node, key, epoch))
 
-    async def _replica_get_alone(self, node: str, key: str) -> Record | None:
-        status, headers, body = await self._call(node, "GET", key_path(key))
+    async def _replica_get_alone(self, node: str, key: str, epoch: int | None) -> Record | None:
+        status, headers, body = await self._call(
+            node, "GET", key_path(key), headers=epoch_headers(epoch)
+        )
         if status == 404:
             return None
         if status != 200:
@@ -276,7 +377,12 @@ class ReplicaClient:
             raise BadReplicaAnswer(node, f"node {node} sent a bad version: {e}") from None
 
     def replica_put(
-        self, node: str, key: str, record: Record, hint_for: str | None = None
+        self,
+        node: str,
+        key: str,
+        record: Record,
+        hint_for: str | None = None,
+        epoch: int | None = None,
     ) -> Deferred[bool]:
         """Store ``record`` on ``node`` if newer; True if it was applied.
 
@@ -287,10 +393,12 @@ class ReplicaClient:
         busy = self._admit(node, size)
         if busy is not None:
             return fail(busy)
-        pipeline = self._pipeline(node, "write")
+        pipeline = self._pipeline(node, "write", epoch)
         put: Deferred[Any]
         if pipeline is None or not codec.fits(record):
-            put = Deferred.fromCoroutine(self._replica_put_alone(node, key, record, hint_for))
+            put = Deferred.fromCoroutine(
+                self._replica_put_alone(node, key, record, hint_for, epoch)
+            )
         else:
             put = pipeline.submit(codec.PutOp(key, record, hint_for)).addCallback(self._put, node)
         return put.addBoth(self._release, node, size)
@@ -301,11 +409,15 @@ class ReplicaClient:
         return result.applied
 
     async def _replica_put_alone(
-        self, node: str, key: str, record: Record, hint_for: str | None
+        self, node: str, key: str, record: Record, hint_for: str | None, epoch: int | None
     ) -> bool:
         path = replica_put_path(key, hint_for)
         status, _, body = await self._call(
-            node, "PUT", path, data=record.value, headers=record_headers(record)
+            node,
+            "PUT",
+            path,
+            data=record.value,
+            headers=epoch_headers(epoch, record_headers(record)),
         )
         if status != 200:
             raise self._node_error(node, status, body)
@@ -331,3 +443,80 @@ class ReplicaClient:
         if status != 200:
             raise NodeUnreachable(node, payload.get("reason", f"health is HTTP {status}"), False)
         return dict(payload)
+
+    # -- the cluster map and moves (JSON routes) ---------------------------------
+
+    async def _json(
+        self,
+        node: str,
+        method: str,
+        path: str,
+        payload: object = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """A JSON call: the answer's object, or the failure as a domain error."""
+        kwargs: dict[str, Any] = {}
+        if payload is not None:
+            kwargs = {"data": json.dumps(payload).encode("utf-8"), "headers": dict(_JSON)}
+        status, _, body = await self._call(node, method, path, timeout=timeout, **kwargs)
+        if status != 200:
+            raise self._node_error(node, status, body)
+        try:
+            answer = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            answer = None
+        if not isinstance(answer, dict):
+            raise BadReplicaAnswer(node, f"node {node} sent an unexpected answer to {path}")
+        return answer
+
+    async def get_map(self, node: str, timeout: float | None = None) -> dict[str, Any]:
+        """``GET /replica/map``: the node's learned map and acceptor state."""
+        return await self._json(node, "GET", MAP_PATH, timeout=timeout)
+
+    async def prepare(
+        self, node: str, ballot: Sequence[Any], timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Phase 1 of a map change at one acceptor."""
+        return await self._json(
+            node, "POST", MAP_PREPARE_PATH, {"ballot": list(ballot)}, timeout=timeout
+        )
+
+    async def accept(
+        self,
+        node: str,
+        ballot: Sequence[Any],
+        map_json: Mapping[str, Any],
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Phase 2 of a map change at one acceptor."""
+        body = {"ballot": list(ballot), "map": dict(map_json)}
+        return await self._json(node, "POST", MAP_ACCEPT_PATH, body, timeout=timeout)
+
+    async def learn(
+        self, node: str, map_json: Mapping[str, Any], timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Tell ``node`` a committed map; it installs it if newer."""
+        return await self._json(node, "POST", MAP_LEARN_PATH, {"map": dict(map_json)}, timeout)
+
+    async def move_status(self, node: str, timeout: float | None = None) -> dict[str, Any]:
+        """``GET /replica/move``: the node's stream and cleanup for its learned epoch."""
+        return await self._json(node, "GET", MOVE_PATH, timeout=timeout)
+
+    async def plan(
+        self, node: str, map_json: Mapping[str, Any], timeout: float | None = PLAN_TIMEOUT
+    ) -> dict[str, Any]:
+        """The copies ``node`` would send as primary source under a ``copying`` map."""
+        return await self._json(node, "POST", PLAN_PATH, {"map": dict(map_json)}, timeout)
+
+    async def plan_keys(
+        self,
+        node: str,
+        map_json: Mapping[str, Any],
+        to: str,
+        cursor: str,
+        limit: int,
+        timeout: float | None = PLAN_TIMEOUT,
+    ) -> dict[str, Any]:
+        """One page of the keys ``node`` would copy to ``to``."""
+        body = {"map": dict(map_json), "to": to, "cursor": cursor, "limit": limit}
+        return await self._json(node, "POST", PLAN_KEYS_PATH, body, timeout)

@@ -16,6 +16,12 @@ L{MAX_INLINE_VALUE} bytes in a batch and at most L{MAX_OPS} operations, so
 a request body stays under L{MAX_REQUEST_BYTES}. A node answers a read
 whose value would push the response past L{MAX_INLINE_TOTAL} with
 ``"inline": false`` and the proxy fetches that key on its own.
+
+A move between nodes (``POST /replica/stream``) uses the same format with
+larger bounds: up to L{MAX_STREAM_OPS} puts, and a body of at most
+L{MAX_STREAM_BYTES}, which the sender keeps to by adding up each record's
+L{stream_cost}. Per-request costs dominate a move of small records, so its
+batches are sixteen times the proxy's.
 """
 
 from __future__ import annotations
@@ -43,6 +49,17 @@ _MAX_OP_OVERHEAD = 6 * (2 * MAX_KEY_BYTES + MAX_CONTENT_TYPE) + 512
 MAX_REQUEST_BYTES = MAX_OPS * (_MAX_OP_OVERHEAD + 4 * MAX_INLINE_VALUE // 3 + 4)
 """The largest body a proxy sends: every key and hint target JSON-escaped at
 six bytes per byte, every value at the inline limit."""
+
+MAX_STREAM_OPS = 1024
+"""The most records one ``POST /replica/stream`` carries."""
+
+MAX_STREAM_BYTES = 4 << 20
+"""The largest stream body a node takes, and so the most L{stream_cost} a
+sender puts in one batch. A record costing more travels on its own."""
+
+_STREAM_OP_OVERHEAD = 160
+"""A put's JSON beyond its escaped fields: the names, quotes, punctuation, the
+version's two numbers and the tombstone flag."""
 
 
 class BatchError(ValueError):
@@ -93,6 +110,28 @@ def fits(record: Record) -> bool:
     except InvalidContentType:
         return False
     return True
+
+
+def stream_cost(key: str, record: Record) -> int:
+    """An upper bound of the bytes ``record`` adds to a stream body.
+
+    Six bytes per character of the key, content type and writer (the longest
+    JSON escape; no character takes more in UTF-8), four thirds of the value
+    for base64: a sum of lengths, cheap enough for every record of a move.
+    """
+    text = len(key) + len(record.content_type) + len(record.version.writer)
+    return 6 * text + 4 * (len(record.value) + 2) // 3 + _STREAM_OP_OVERHEAD
+
+
+def fits_stream(key: str, record: Record) -> bool:
+    """May this record travel in a stream batch? Others go on their own."""
+    if len(record.content_type) > MAX_CONTENT_TYPE:
+        return False
+    try:
+        check_content_type(record.content_type)
+    except InvalidContentType:
+        return False
+    return stream_cost(key, record) <= MAX_STREAM_BYTES
 
 
 def _record_json(record: Record) -> dict[str, Any]:
@@ -159,16 +198,19 @@ def encode_request(ops: Sequence[Op]) -> bytes:
     return json.dumps({"ops": out}, ensure_ascii=False).encode("utf-8")
 
 
-def decode_request(body: bytes) -> list[Op]:
-    """The operations in a request body; L{BatchError} names what is wrong."""
+def decode_request(body: bytes, max_ops: int = MAX_OPS) -> list[Op]:
+    """The operations in a request body; L{BatchError} names what is wrong.
+
+    ``max_ops``: how many a body may hold (L{MAX_STREAM_OPS} for a stream).
+    """
     try:
         items = _json(body)["ops"]
     except (KeyError, TypeError):
         raise BatchError('the body must be a JSON object {"ops": [...]}') from None
     if not isinstance(items, list):
         raise BatchError('"ops" must be a list')
-    if len(items) > MAX_OPS:
-        raise BatchError(f"a batch holds at most {MAX_OPS} operations, not {len(items)}")
+    if len(items) > max_ops:
+        raise BatchError(f"a batch holds at most {max_ops} operations, not {len(items)}")
     ops: list[Op] = []
     for item in items:
         if not isinstance(item, dict):

@@ -16,6 +16,10 @@ operations in one exchange (L{shardkv.replica.codec}).
     Many of the above at once.
 ``GET /health``
     The node's health report, which the proxy polls.
+
+The cluster map's routes (L{MAP_PATH} and below) and the move's
+(L{MOVE_PATH}, L{PLAN_PATH}, L{PLAN_KEYS_PATH}, L{STREAM_PATH}) take and give
+JSON; every data route above, and L{STREAM_PATH}, checks L{EPOCH_HEADER}.
 """
 
 from __future__ import annotations
@@ -33,6 +37,21 @@ from shardkv.errors import InvalidRequest
 REPLICA_KV_PREFIX = "/replica/kv/"
 BATCH_PATH = "/replica/batch"
 HEALTH_PATH = "/health"
+
+EPOCH_HEADER = b"X-Shardkv-Epoch"
+"""The map epoch a replica call was planned at. A node that has learned a
+newer epoch refuses the call (409 ``stale_epoch``, with its map); without the
+header nothing is checked."""
+
+MAP_PATH = "/replica/map"
+"""``GET``: the node's learned map and acceptor state."""
+MAP_PREPARE_PATH = "/replica/map/prepare"
+MAP_ACCEPT_PATH = "/replica/map/accept"
+MAP_LEARN_PATH = "/replica/map/learn"
+MOVE_PATH = "/replica/move"
+PLAN_PATH = "/replica/plan"
+PLAN_KEYS_PATH = "/replica/plan/keys"
+STREAM_PATH = "/replica/stream"
 
 VERSION_HEADER = b"X-Shardkv-Version"
 TOMBSTONE_HEADER = b"X-Shardkv-Tombstone"

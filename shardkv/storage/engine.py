@@ -63,6 +63,14 @@ class StorageEngine(Protocol):
     def remove_tombstone(self, key: str, record: Record) -> Deferred[bool]:
         """Delete ``key`` outright if it still holds exactly this tombstone."""
 
+    def discard(self, key: str, record: Record) -> Deferred[bool]:
+        """Delete ``key`` outright if it still holds exactly this version (value or tombstone).
+
+        A move's cleanup drops the copies a node no longer owns. Checking the
+        version, as L{remove_tombstone} does, keeps a write that landed after
+        the cleanup read the record: a newer version is never discarded.
+        """
+
     def put_hint(self, target: str, key: str, record: Record) -> Deferred[bool]:
         """Keep ``record`` for node ``target`` until it can be handed back (newer-only).
 
@@ -78,6 +86,28 @@ class StorageEngine(Protocol):
 
     def remove_hint(self, target: str, key: str, record: Record) -> Deferred[bool]:
         """Drop a delivered hint, unless a newer one replaced it meanwhile."""
+
+    def drop_hints(self, target: str) -> Deferred[int]:
+        """Delete every hint waiting for ``target``; fires with how many, once durable.
+
+        For a node that left the cluster: nobody will ever take its hints.
+        """
+
+    def get_meta(self, name: str) -> bytes | None:
+        """The value the node last stored under ``name`` with L{put_meta}, or None.
+
+        Metadata (the node's cluster map, its acceptor state) lives apart from
+        the records, so no scan, move or cleanup ever sees it. Committed values
+        only: a L{put_meta} still queued is not seen.
+        """
+
+    def put_meta(self, name: str, value: bytes) -> Deferred[None]:
+        """Store ``value`` under ``name`` (replacing it); fires once durable.
+
+        It is committed in order with the writes queued before it (the LMDB
+        engine's one commit thread), so when it fires every write queued
+        earlier is committed too: the node's epoch fence relies on that.
+        """
 
     def health(self) -> EngineHealth: ...
 

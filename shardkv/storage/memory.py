@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Iterator
-from itertools import islice
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -12,11 +12,16 @@ from shardkv.storage.engine import EngineHealth
 
 
 class MemoryEngine:
+    """Records in a dict, with their keys also kept sorted so that a scan in
+    pages (a move, a cleanup) costs a binary search per page, not a sort."""
+
     name = "memory"
 
     def __init__(self) -> None:
         self._records: dict[str, Record] = {}
+        self._order: list[str] = []
         self._hints: dict[str, dict[str, Record]] = {}
+        self._meta: dict[str, bytes] = {}
 
     def get(self, key: str) -> Record | None:
         return self._records.get(key)
@@ -27,17 +32,31 @@ class MemoryEngine:
         current = self._records.get(key)
         if current is not None and current.version >= record.version:
             return succeed(False)
+        if current is None:
+            insort(self._order, key)
         self._records[key] = record
         return succeed(True)
 
     def scan(self, start: str = "", limit: int = 1000) -> Iterator[tuple[str, Record]]:
-        keys = sorted(k for k in self._records if k >= start)
-        return ((k, self._records[k]) for k in islice(keys, limit))
+        first = bisect_left(self._order, start)
+        keys = self._order[first : first + limit]
+        return ((k, self._records[k]) for k in keys if k in self._records)
+
+    def _delete(self, key: str) -> None:
+        del self._records[key]
+        del self._order[bisect_left(self._order, key)]
 
     def remove_tombstone(self, key: str, record: Record) -> Deferred[bool]:
         current = self._records.get(key)
         if current is not None and current.tombstone and current.version == record.version:
-            del self._records[key]
+            self._delete(key)
+            return succeed(True)
+        return succeed(False)
+
+    def discard(self, key: str, record: Record) -> Deferred[bool]:
+        current = self._records.get(key)
+        if current is not None and current.version == record.version:
+            self._delete(key)
             return succeed(True)
         return succeed(False)
 
@@ -63,6 +82,16 @@ class MemoryEngine:
             return succeed(False)
         del waiting[key]
         return succeed(True)
+
+    def drop_hints(self, target: str) -> Deferred[int]:
+        return succeed(len(self._hints.pop(target, {})))
+
+    def get_meta(self, name: str) -> bytes | None:
+        return self._meta.get(name)
+
+    def put_meta(self, name: str, value: bytes) -> Deferred[None]:
+        self._meta[name] = bytes(value)
+        return succeed(None)
 
     def health(self) -> EngineHealth:
         return EngineHealth(ok=True, writable=True, details={"keys": len(self._records)})

@@ -5,10 +5,17 @@ memory engine, the proxy reaches them through treq's C{StubTreq}, and time is
 a C{MemoryReactorClock}. L{FaultyHTTP} injects refused and hung connections.
 Like C{twisted.internet.testing}, this is public so that tests of code built
 on shardkv can use it too.
+
+Each node has its map store (blank) and a mover; the proxy side has a
+L{MapView} (provisional, from the node ids, until a map is installed), a
+L{MapProposer} and a L{MapSync}, none of them started. A test that only
+reads and writes needs nothing more: blank nodes check no epoch. One that
+wants the map on its nodes calls L{MemoryCluster.bootstrap}.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,11 +27,16 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 
+from shardkv.cluster.proposer import MapProposer
+from shardkv.cluster.sync import MapSync
+from shardkv.cluster.view import MapView
+from shardkv.core.clustermap import ClusterMap
 from shardkv.core.placement import Ring
 from shardkv.core.quorum import QuorumSizes
 from shardkv.core.versions import VersionClock
 from shardkv.node.app import NodeApp
-from shardkv.node.members import Members
+from shardkv.node.members import MemberOnlyClient, Members
+from shardkv.node.mover import Mover
 from shardkv.node.store import NodeStore
 from shardkv.proxy.app import ProxyApp
 from shardkv.proxy.coordinator import Coordinator
@@ -40,17 +52,30 @@ def make_node(
     clock: MemoryReactorClock,
     offset_ms: int = 0,
     members: Iterable[str] | None = None,
+    peers: Any = None,
+    timeout: float = 2.0,
 ) -> NodeApp:
-    """A node on a memory engine; ``members`` as ``twistd shardkv cluster`` would give them."""
+    """A node on a memory engine; ``members`` as ``twistd shardkv cluster`` would give them.
+
+    With ``peers`` (an HTTP client reaching the other nodes) the node gets a
+    mover that streams to them, as a real node does."""
 
     def now_ms() -> int:
         return int(clock.seconds() * 1000) + offset_ms
 
     versions = VersionClock(node_id, now_ms)
-    store = NodeStore(
-        node_id, MemoryEngine(), versions, DEFAULT_MAX_VALUE_BYTES, now_ms, Members(members)
+    known = Members(members)
+    engine = MemoryEngine()
+    store = NodeStore(node_id, engine, versions, DEFAULT_MAX_VALUE_BYTES, now_ms, known)
+    if peers is None:
+        return NodeApp(store)
+    mapstore = store.mapstore
+    client = MemberOnlyClient(
+        known, peers, clock, timeout, pipeline_depth=1, epoch=lambda: mapstore.epoch or None
     )
-    return NodeApp(store)
+    mover = Mover(node_id, engine, mapstore, client, clock)
+    mover.start()
+    return NodeApp(store, mover=mover)
 
 
 PROXY_WRITER = "proxy-test"
@@ -109,31 +134,95 @@ class MemoryCluster:
         w: int = 2,
         pipeline_depth: int = 1,
         ring: Ring | None = None,
+        seed: int = 0,
     ) -> None:
         """``ring`` may be passed in to share one between clusters (building one
-        takes a few tenths of a second); it must place exactly ``node_ids``."""
+        takes a few tenths of a second); it must place exactly ``node_ids``.
+        ``seed`` seeds the proposer's jitter."""
         self.clock = MemoryReactorClock()
         node_ids = list(node_ids)
-        self.nodes = {n: make_node(n, self.clock, members=node_ids) for n in node_ids}
         self.dispatch = HostDispatch()
-        for node_id, app in self.nodes.items():
-            self.dispatch.hosts[node_id.encode()] = app.resource()
         self.node_http = StubTreq(self.dispatch)
         self.network = FaultyHTTP(self.node_http)
+        self.timeout = timeout
+        self.nodes: dict[str, NodeApp] = {}
+        for node_id in node_ids:
+            self.add_node(node_id, members=node_ids)
         self.replica_client = ReplicaClient(self.network, self.clock, timeout, pipeline_depth)
-        self.ring = ring if ring is not None else Ring(list(self.nodes))
-        if set(self.ring.nodes) != set(self.nodes):
-            raise ValueError(f"the ring places {sorted(self.ring.nodes)}, not {sorted(self.nodes)}")
-        self.health = HealthMonitor(self.ring.nodes, self.replica_client.health, self.clock)
+        sizes = QuorumSizes(replicas, r, w)
+        if ring is not None and set(ring.nodes) != set(self.nodes):
+            raise ValueError(f"the ring places {sorted(ring.nodes)}, not {sorted(self.nodes)}")
+        self.view = (
+            MapView.of_ring(ring, sizes)
+            if ring is not None
+            else MapView.from_nodes(list(self.nodes), sizes)
+        )
+        self.replica_client.newer_map = self.view.install_json
+        self.health = HealthMonitor(self.view.nodes(), self.replica_client.health, self.clock)
+        self.view.subscribe(lambda m: self.health.follow(m.acceptors()))
         versions = VersionClock(PROXY_WRITER, lambda: int(self.clock.seconds() * 1000))
-        self.hints = HintKeeper(self.ring, self.replica_client, self.health)
+        self.hints = HintKeeper(self.view, self.replica_client, self.health)
         self.coordinator = Coordinator(
-            self.ring,
+            self.view, self.replica_client, self.health, versions, self.hints
+        )
+        self.proposer = MapProposer(
+            self.replica_client, PROXY_WRITER, self.clock, random.Random(seed)
+        )
+        self.sync = MapSync(
+            self.view,
+            self.proposer,
             self.replica_client,
-            self.health,
-            versions,
-            self.hints,
-            QuorumSizes(replicas, r, w),
+            self.clock,
+            dict.fromkeys(self.nodes, 1.0) if ring is None else _weights(ring),
+            sizes,
+            self.view.current.vnodes,
         )
         self.proxy_app = ProxyApp(self.coordinator, DEFAULT_MAX_VALUE_BYTES)
         self.proxy = StubTreq(self.proxy_app.resource())
+
+    @property
+    def ring(self) -> Ring:
+        """The ring reads use now."""
+        return self.view.read_ring()
+
+    def add_node(self, node_id: str, members: Iterable[str] | None = None) -> NodeApp:
+        """Start a (blank) node reachable at ``node_id``, as ``twistd shardkv node`` would."""
+        app = make_node(
+            node_id, self.clock, members=members, peers=self.network, timeout=self.timeout
+        )
+        self.nodes[node_id] = app
+        self.dispatch.hosts[node_id.encode()] = app.resource()
+        return app
+
+    def pump(self, d: Deferred[Any], seconds: float = 30.0, step: float = 0.05) -> Any:
+        """Flush the in-memory HTTP and move the clock until ``d`` has a result
+        (at most ``seconds`` of clock time); the result (a Failure is raised)."""
+        box: list[Any] = []
+        d.addBoth(box.append)
+        waited = 0.0
+        while not box:
+            for _ in range(50):
+                self.node_http.flush()
+                self.proxy.flush()
+                if box:
+                    break
+            if box:
+                break
+            if waited >= seconds:
+                raise AssertionError(f"no result within {seconds} s of clock time")
+            self.clock.advance(step)
+            waited += step
+        result = box[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
+
+    def bootstrap(self) -> ClusterMap:
+        """Put the cluster map on the nodes (epoch 1 from the node ids on blank nodes)
+        and install it in the proxy's view: what a proxy does when it starts."""
+        m: ClusterMap = self.pump(Deferred.fromCoroutine(self.sync.bootstrap()))
+        return m
+
+
+def _weights(ring: Ring) -> dict[str, float]:
+    return {node: ring.weight(node) for node in ring.nodes}

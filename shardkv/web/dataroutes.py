@@ -35,7 +35,13 @@ from shardkv.errors import InvalidRequest, NotFound, ValueTooLarge
 from shardkv.replica import codec
 from shardkv.replica.protocol import (
     BATCH_PATH,
+    MAP_ACCEPT_PATH,
+    MAP_LEARN_PATH,
+    MAP_PREPARE_PATH,
+    PLAN_KEYS_PATH,
+    PLAN_PATH,
     REPLICA_KV_PREFIX,
+    STREAM_PATH,
     InvalidContentType,
     check_content_type,
     wire_content_type,
@@ -112,6 +118,10 @@ def body_limit_for(
                 return max_value_bytes
             if method == b"POST" and path == _BATCH:
                 return codec.MAX_REQUEST_BYTES
+            if method == b"POST" and path == _STREAM:
+                return codec.MAX_STREAM_BYTES
+            if method == b"POST" and path in _MAP_ROUTES:
+                return MAP_BODY_LIMIT
         return SMALL_BODY_LIMIT
 
     return limit
@@ -119,6 +129,14 @@ def body_limit_for(
 
 _REPLICA_KV = REPLICA_KV_PREFIX.encode()
 _BATCH = BATCH_PATH.encode()
+_STREAM = STREAM_PATH.encode()
+_MAP_ROUTES = frozenset(
+    p.encode()
+    for p in (MAP_PREPARE_PATH, MAP_ACCEPT_PATH, MAP_LEARN_PATH, PLAN_PATH, PLAN_KEYS_PATH)
+)
+MAP_BODY_LIMIT = 1 << 20
+"""The cluster map's routes and the plan's carry a whole map: room for
+thousands of members, and still bounded before the body is read."""
 
 
 def path_key(request: IRequest, prefix: bytes = b"/kv/") -> str:

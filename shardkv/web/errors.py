@@ -24,8 +24,12 @@ from shardkv.core.keys import InvalidKey, KeyTooLong
 from shardkv.core.records import CorruptRecord
 from shardkv.errors import (
     Forbidden,
+    InvalidChange,
     InvalidHintTarget,
+    InvalidMap,
     InvalidRequest,
+    MapConflict,
+    MapUnavailable,
     NotFound,
     Overloaded,
     PreconditionFailed,
@@ -36,6 +40,7 @@ from shardkv.errors import (
     StorageError,
     StorageFull,
     Unauthorized,
+    UnknownMember,
     ValueTooLarge,
 )
 
@@ -61,6 +66,11 @@ STATUS: dict[type[ShardkvError], int] = {
     ReplicaCallFailed: 502,
     Unauthorized: 401,
     Forbidden: 403,
+    InvalidMap: 400,
+    InvalidChange: 400,
+    UnknownMember: 404,
+    MapConflict: 409,
+    MapUnavailable: 503,
 }
 """The one place where a domain error becomes an HTTP status. The most
 specific class listed wins; a domain error not listed here is a 500."""

@@ -484,3 +484,18 @@ def test_small_rings_still_work() -> None:
     assert placement.position == 0
     assert placement.token == ring._positions[0] < placement.hash
     assert placement.owner == ring.owner_of_hash(0)
+
+
+@PROPERTY
+@given(keys, st.integers(1, 4))
+def test_preference_of_hash_is_the_keys_preference_list(key: str | bytes, n: int) -> None:
+    """
+    A caller that hashed a key once gets the same list from the hash as
+    from the key, so a move's planner and the data path agree.
+    """
+    ring = Ring({"a:1": 1.0, "b:1": 2.0, "c:1": 1.0}, vnodes=64)
+    assert ring.preference_of_hash(hash_key(key), n) == ring.preference_list(key, n)
+    # Past the last point, positions wrap to the first one, as keys do.
+    assert ring.preference_of_hash(HASH_SPACE - 1, n) == ring.preference_of_hash(0, n)
+    with pytest.raises(ValueError):
+        ring.preference_of_hash(hash_key(key), 0)

@@ -9,6 +9,7 @@ same under pytest and trial.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 from urllib.parse import quote
@@ -19,6 +20,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
+from shardkv.core.clustermap import bootstrap
 from shardkv.core.records import Record
 from shardkv.core.versions import Version, VersionClock
 from shardkv.node.app import NodeApp
@@ -280,3 +282,175 @@ class NodeMembersTests(SynchronousTestCase):
         self.assertEqual([r.status for r in results], [200, 400, 200])
         self.assertEqual(results[1].error, "invalid_hint_target")
         self.assertEqual(self.node.store.engine.hint_counts(), {"127.0.0.1:8082": 1})
+
+
+# -- the cluster map: acceptor, learner and epoch fence (issue 11) -------------------
+
+CLUSTER = "9f2c00aa11bb22cc"
+PEERS = {NODE_ID: 1.0, "127.0.0.1:8082": 1.0, "127.0.0.1:8083": 1.0}
+
+
+def map_json(epoch: int = 1, cluster_id: str = CLUSTER) -> dict[str, Any]:
+    m = dataclasses.replace(bootstrap(cluster_id, PEERS, 3, 2, 2, 64), epoch=epoch)
+    return m.to_json()
+
+
+class NodeMapRouteTests(SynchronousTestCase):
+    """/replica/map and its prepare, accept and learn; the epoch header on replica calls."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.node = make_node(NODE_ID, self.clock)
+        self.http = guarded_http(self, self.node)
+        self.version = {"X-Shardkv-Version": "5-5-x", "Content-Type": "text/plain"}
+
+    def learn(self, epoch: int) -> Reply:
+        return self.http.post_json("/replica/map/learn", {"map": map_json(epoch)})
+
+    def test_blank_node(self) -> None:
+        self.assertEqual(
+            self.http.get("/replica/map").json(),
+            {"node": NODE_ID, "learned": None, "accepted_epoch": None, "cluster_id": None},
+        )
+        self.assertEqual(
+            self.http.get("/health").json()["map"], {"epoch": None, "cluster_id": None}
+        )
+
+    def test_a_round(self) -> None:
+        reply = self.http.post_json("/replica/map/prepare", {"ballot": [1, "proxy-a"]})
+        self.assertEqual(
+            reply.json(),
+            {
+                "promised": True,
+                "promised_ballot": [1, "proxy-a"],
+                "accepted_ballot": None,
+                "accepted": None,
+            },
+        )
+        reply = self.http.post_json(
+            "/replica/map/accept", {"ballot": [1, "proxy-a"], "map": map_json(1)}
+        )
+        self.assertEqual(reply.json(), {"accepted": True, "promised_ballot": [1, "proxy-a"]})
+        self.assertEqual(self.http.get("/replica/map").json()["accepted_epoch"], 1)
+        reply = self.http.post_json("/replica/map/prepare", {"ballot": [0, "proxy-b"]})
+        self.assertEqual(
+            reply.json(),
+            {
+                "promised": False,
+                "promised_ballot": [1, "proxy-a"],
+                "accepted_ballot": [1, "proxy-a"],
+                "accepted": map_json(1),
+            },
+        )
+        reply = self.http.post_json(
+            "/replica/map/accept", {"ballot": [0, "proxy-b"], "map": map_json(2)}
+        )
+        self.assertEqual(reply.json(), {"accepted": False, "promised_ballot": [1, "proxy-a"]})
+        self.assertEqual(self.learn(1).json(), {"epoch": 1})
+        self.assertEqual(self.learn(3).json(), {"epoch": 3})
+        self.assertEqual(self.learn(2).json(), {"epoch": 3}, "an older map changes nothing")
+        state = self.http.get("/replica/map").json()
+        self.assertEqual(
+            state,
+            {"node": NODE_ID, "learned": map_json(3), "accepted_epoch": 1, "cluster_id": CLUSTER},
+        )
+        self.assertEqual(
+            self.http.get("/health").json()["map"], {"epoch": 3, "cluster_id": CLUSTER}
+        )
+
+    def test_a_node_of_another_cluster_refuses(self) -> None:
+        self.learn(2)
+        other = map_json(5, "0000111122223333")
+        for path, body in [
+            ("/replica/map/learn", {"map": other}),
+            ("/replica/map/accept", {"ballot": [9, "p"], "map": other}),
+        ]:
+            reply = self.http.post_json(path, body)
+            self.assertEqual(reply.error(), (409, "foreign_cluster"), path)
+            self.assertEqual(reply.json()["cluster_id"], CLUSTER)
+        self.assertEqual(self.http.get("/replica/map").json()["learned"], map_json(2))
+
+    def test_malformed_bodies_are_400s(self) -> None:
+        bad_map = {**map_json(1), "epoch": -1}
+        cases: list[tuple[str, bytes, str]] = [
+            ("/replica/map/prepare", b"", "invalid_json"),
+            ("/replica/map/prepare", b"\xff", "invalid_json"),
+            ("/replica/map/prepare", b"[]", "invalid_json"),
+            ("/replica/map/prepare", b"[" * 5000, "invalid_json"),
+            ("/replica/map/prepare", b"{}", "invalid_json"),
+            ("/replica/map/prepare", b'{"ballot": null}', "invalid_map"),
+            ("/replica/map/prepare", b'{"ballot": [1]}', "invalid_map"),
+            ("/replica/map/prepare", b'{"ballot": [true, "p"]}', "invalid_map"),
+            ("/replica/map/accept", b'{"ballot": [1, "p"]}', "invalid_map"),
+            ("/replica/map/accept", b'{"map": {}}', "invalid_json"),
+            ("/replica/map/learn", b"{}", "invalid_map"),
+            ("/replica/map/learn", b'{"map": null}', "invalid_map"),
+            ("/replica/map/learn", b'{"map": {"epoch": 1}}', "invalid_map"),
+            ("/replica/map/learn", json.dumps({"map": bad_map}).encode(), "invalid_map"),
+            (
+                "/replica/map/accept",
+                json.dumps({"ballot": [1, "p"], "map": bad_map}).encode(),
+                "invalid_map",
+            ),
+        ]
+        for path, body, code in cases:
+            reply = self.http.post_raw(path, body)
+            self.assertEqual(reply.error(), (400, code), (path, body[:40]))
+        self.assertEqual(
+            self.http.get("/replica/map").json(),
+            {"node": NODE_ID, "learned": None, "accepted_epoch": None, "cluster_id": None},
+        )
+
+    def test_stale_replica_calls_are_refused_with_the_map(self) -> None:
+        self.learn(4)
+        self.http.put("/replica/kv/old", b"v", self.version)
+        record = Record(Version.parse("6-6-x"), b"v", "text/plain")
+        batch = codec.encode_request([codec.PutOp("b", record), codec.GetOp("old")])
+        calls: list[tuple[str, str, bytes | None, dict[str, str]]] = [
+            ("GET", "/replica/kv/old", None, {}),
+            ("PUT", "/replica/kv/new", b"v", self.version),
+            ("POST", "/replica/batch", batch, {"Content-Type": "application/json"}),
+        ]
+        for method, path, body, headers in calls:
+            reply = self.http.request(method, path, body, {**headers, "X-Shardkv-Epoch": "3"})
+            self.assertEqual(reply.error(), (409, "stale_epoch"), path)
+            payload = reply.json()
+            self.assertEqual((payload["epoch"], payload["map"]), (4, map_json(4)), path)
+            reply = self.http.request(method, path, body, {**headers, "X-Shardkv-Epoch": "x"})
+            self.assertEqual(reply.error(), (400, "invalid_epoch"), path)
+        self.assertIsNone(self.node.store.engine.get("new"))
+        self.assertIsNone(self.node.store.engine.get("b"))
+        for epoch in ["4", "5", None]:
+            headers = {} if epoch is None else {"X-Shardkv-Epoch": epoch}
+            for method, path, body, more in calls:
+                reply = self.http.request(method, path, body, {**more, **headers})
+                self.assertEqual(reply.code, 200, (method, path, epoch))
+        self.assertIsNotNone(self.node.store.engine.get("new"))
+        self.assertIsNotNone(self.node.store.engine.get("b"))
+
+    def test_a_learned_map_sets_the_members_and_pushes_are_ignored(self) -> None:
+        self.http.put("/replica/members", b'{"members": ["127.0.0.1:8089"]}')
+        self.assertEqual(self.http.get("/health").json()["members"], ["127.0.0.1:8089"])
+        self.learn(1)
+        members = sorted(PEERS)
+        self.assertEqual(self.http.get("/health").json()["members"], members)
+        reply = self.http.put("/replica/members", b'{"members": ["127.0.0.1:8089"]}')
+        self.assertEqual(reply.json(), {"members": members})
+        path = "/replica/kv/s?hint_for="
+        self.assertEqual(self.http.put(path + "127.0.0.1:8082", b"v", self.version).code, 200)
+        refused = self.http.put(path + "127.0.0.1:8089", b"v", self.version)
+        self.assertEqual(refused.error(), (400, "invalid_hint_target"))
+
+    def test_the_map_routes_need_the_token(self) -> None:
+        node = token_node(self.clock)
+        http = guarded_http(self, node)
+        for method, path, body in [
+            ("GET", "/replica/map", None),
+            ("POST", "/replica/map/prepare", b'{"ballot": [1, "p"]}'),
+            ("POST", "/replica/map/accept", b"{}"),
+            ("POST", "/replica/map/learn", json.dumps({"map": map_json(1)}).encode()),
+        ]:
+            reply = http.request(method, path, body)
+            self.assertEqual(reply.error(), (401, "unauthorized"), path)
+        self.assertIsNone(node.store.mapstore.learned)
+        self.assertEqual(node.store.mapstore.state.promised, None)

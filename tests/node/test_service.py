@@ -22,9 +22,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
+from shardkv.core.clustermap import bootstrap
 from shardkv.core.records import Record
 from shardkv.core.versions import Version
 from shardkv.errors import StorageStartupError
+from shardkv.node.mapstore import MapStore
 from shardkv.node.service import NodeService, make_node_service
 from shardkv.replica import codec
 from shardkv.storage.engine import StorageEngine
@@ -353,3 +355,52 @@ def test_ca_file_hands_hints_to_peers_over_tls(tmp_path: Any) -> None:
             (9002, tls)
         ]
         service.stopService()
+
+
+# -- the cluster map (issue 11) ------------------------------------------------------
+
+CLUSTER = "9f2c00aa11bb22cc"
+
+
+class MetaRecordingEngine(RecordingEngine):
+    def get_meta(self, name: str) -> bytes | None:
+        self.events.append(f"get_meta {name}")
+        return super().get_meta(name)
+
+
+def test_the_map_is_loaded_after_the_engine_starts(reactor: MemoryReactorClock) -> None:
+    """
+    If the engine holds a learned map, then the node reads it right after the
+    engine starts and before it listens, so the epoch fence holds from the
+    first request; the mover starts then, and stops with the node.
+    """
+    engine = MetaRecordingEngine(reactor)
+    m = bootstrap(CLUSTER, {NODE_ID: 1.0}, 1, 1, 1, 16)
+    assert MapStore(NODE_ID, engine).learn(m).called
+    service = build(reactor, engine)
+    assert service.mapstore is not None and service.mover is not None
+    assert service.mapstore.learned is None
+    assert not service.mover.running
+    service.startService()
+    assert engine.events[0] == "start"
+    assert sorted(engine.events[1:3]) == ["get_meta cluster.acceptor", "get_meta cluster.map"]
+    assert service.mapstore.learned == m
+    assert service.mover.running
+    service.stopService()
+    reactor.advance(0)
+    assert not service.mover.running
+
+
+def test_an_unreadable_map_stops_the_node_with_one_line(
+    reactor: MemoryReactorClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "__stderr__", terminal)
+    engine = MemoryEngine()
+    assert engine.put_meta("cluster.map", b"{not json").called
+    service = build(reactor, engine)
+    with pytest.raises(SystemExit) as info:
+        service.startService()
+    assert info.value.code == 1
+    assert "cluster map state stored on node" in terminal.getvalue()
+    assert reactor.tcpServers == []

@@ -12,10 +12,12 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
+from shardkv.core.clustermap import bootstrap
 from shardkv.core.conditions import Precondition
 from shardkv.core.records import CorruptRecord, Record
 from shardkv.core.versions import Version, VersionClock
 from shardkv.errors import NotFound, PreconditionFailed, StorageFull, ValueTooLarge
+from shardkv.node.mapstore import MapStore
 from shardkv.node.members import Members
 from shardkv.node.store import NodeStore
 from shardkv.replica import codec
@@ -219,3 +221,38 @@ class ReplicaRouteTests(SynchronousTestCase):
             (full.code, full.message), ("insufficient_storage", f"{NODE_ID}: the disk is full")
         )
         self.assertEqual(self.engine.hint_counts(), {"127.0.0.1:8083": 1})
+
+
+class MapStoreWiringTests(SynchronousTestCase):
+    """The store holds the node's map store, and its members follow the learned map."""
+
+    def test_a_blank_map_store_by_default_and_members_follow_it(self) -> None:
+        members = Members(["127.0.0.1:8089"])
+        store = NodeStore(
+            NODE_ID,
+            MemoryEngine(),
+            VersionClock(NODE_ID, lambda: NOW_MS),
+            LIMIT,
+            lambda: NOW_MS,
+            members=members,
+        )
+        self.assertIsNone(store.mapstore.learned)
+        m = bootstrap("9f2c00aa11bb22cc", {NODE_ID: 1.0, "127.0.0.1:8082": 1.0}, 2, 1, 1, 16)
+        self.assertEqual(self.successResultOf(store.mapstore.learn(m)), 1)
+        self.assertEqual(members.as_json(), [NODE_ID, "127.0.0.1:8082"])
+        record = Record(Version(1, 1, "p"), b"v", "text/plain")
+        self.assertTrue(self.successResultOf(store.accept("k", record, "127.0.0.1:8082")))
+        self.failureResultOf(store.accept("k", record, "127.0.0.1:8089"))
+
+    def test_a_given_map_store_is_used(self) -> None:
+        engine = MemoryEngine()
+        mapstore = MapStore(NODE_ID, engine)
+        store = NodeStore(
+            NODE_ID,
+            engine,
+            VersionClock(NODE_ID, lambda: NOW_MS),
+            LIMIT,
+            lambda: NOW_MS,
+            mapstore=mapstore,
+        )
+        self.assertIs(store.mapstore, mapstore)

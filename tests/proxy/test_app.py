@@ -65,7 +65,14 @@ class ProxyRouteTests(SynchronousTestCase):
         reply = self.http.get("/health")
         self.assertEqual(reply.code, 200)
         self.assertEqual(
-            reply.json(), {"status": "ok", "role": "proxy", "nodes_up": 3, "nodes_total": 3}
+            reply.json(),
+            {
+                "status": "ok",
+                "role": "proxy",
+                "nodes_up": 3,
+                "nodes_total": 3,
+                "map": {"epoch": 0, "provisional": True},
+            },
         )
         self.cluster.health.mark(NODES[2], up=False, error="test")
         self.assertEqual(self.http.get("/health").json()["nodes_up"], 2)

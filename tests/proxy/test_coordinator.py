@@ -812,7 +812,7 @@ class OverloadTests(ClusterCase):
         """
         self.use(3)
         self.assertEqual(self.now("PUT", kv("k"), b"v0").code, 201)
-        refuse = lambda node, key, record, hint_for=None: fail(NodeBusy(node, 10_000))  # noqa: E731
+        refuse = lambda node, key, record, hint_for=None, epoch=None: fail(NodeBusy(node, 10_000))  # noqa: E731
         with mock.patch.object(self.cluster.replica_client, "replica_put", refuse):
             reply = self.now("PUT", kv("k"), b"v1")
         self.assertOverloaded(
@@ -832,10 +832,12 @@ class OverloadTests(ClusterCase):
         client = self.cluster.replica_client
         real_put = client.replica_put
 
-        def put(node: str, key: str, record: Record, hint_for: str | None = None) -> Any:
+        def put(
+            node: str, key: str, record: Record, hint_for: str | None = None, epoch: Any = None
+        ) -> Any:
             if node in home[1:]:
                 return fail(NodeBusy(node, 10_000))
-            return real_put(node, key, record, hint_for)
+            return real_put(node, key, record, hint_for, epoch)
 
         with mock.patch.object(client, "replica_put", put):
             reply = self.now("PUT", kv("k"), b"v1")
@@ -850,7 +852,7 @@ class OverloadTests(ClusterCase):
         self.use(3)
         home = home_replicas(self.cluster, "k")
         self.assertEqual(self.now("PUT", kv("k"), b"v0").code, 201)
-        busy_get = lambda node, key: fail(NodeBusy(node, 10_000))  # noqa: E731
+        busy_get = lambda node, key, epoch=None: fail(NodeBusy(node, 10_000))  # noqa: E731
         with mock.patch.object(self.cluster.replica_client, "replica_get", busy_get):
             self.assertOverloaded(self.now("GET", kv("k")), replied=0, required=2, failed=home)
             self.down(home[0])

@@ -82,8 +82,9 @@ def test_tree_has_client_timers_and_one_listener_per_endpoint() -> None:
     """
     If a proxy is built, then its tree holds, in start order, the allocator
     tuning (L{shardkv.proxy.allocator}), the HTTP client, the health timer
-    (at the given interval), the hint-retry timer (every second) and one
-    listener per endpoint; once started, each listener listens where its
+    (at the given interval), the hint-retry timer (every second), the map
+    sync's timer (bootstrap retries every half second, then polls), the
+    rebalancer's step (every half second) and one listener per endpoint; once started, each listener listens where its
     endpoint says, all serving one site.
     """
     reactor = MemoryReactorClock()
@@ -93,10 +94,12 @@ def test_tree_has_client_timers_and_one_listener_per_endpoint() -> None:
         HTTPClientService,
         TimerService,
         TimerService,
+        TimerService,
+        TimerService,
         ListeningService,
         ListeningService,
     ]
-    assert [timer.step for timer in timers(service)] == [7.0, 1.0]
+    assert [timer.step for timer in timers(service)] == [7.0, 1.0, 0.5, 0.5]
     service.startService()
     assert all(child.running for child in service)
     listened = [(port, interface) for port, _, _, interface in reactor.tcpServers]
@@ -120,6 +123,8 @@ def test_no_endpoints_no_listeners() -> None:
         HTTPClientService,
         TimerService,
         TimerService,
+        TimerService,
+        TimerService,
     ]
 
 
@@ -133,7 +138,10 @@ def test_health_checks_every_node_at_start_through_the_pool() -> None:
     reactor = MemoryReactorClock()
     service = build(reactor, timeout=0.5, pool_size=5)
     service.startService()
-    assert [f"{host}:{port}" for host, port, *_ in reactor.tcpClients] == list(NODES)
+    # Each node gets its health check and the map's bootstrap (a prepare).
+    reached = [f"{host}:{port}" for host, port, *_ in reactor.tcpClients]
+    assert sorted(set(reached)) == sorted(NODES)
+    assert all(reached.count(node) == 2 for node in NODES)
     pool = client(service)._pool
     assert pool is not None
     assert pool.maxPersistentPerHost == 5

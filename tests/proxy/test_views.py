@@ -41,7 +41,20 @@ class OneCopyViewTests(SynchronousTestCase):
         reply = self.http.get("/cluster")
         self.assertEqual(reply.code, 200)
         payload = reply.json()
-        self.assertEqual(list(payload), ["replicas", "r", "w", "undelivered", "nodes"])
+        self.assertEqual(
+            list(payload),
+            [
+                "replicas",
+                "r",
+                "w",
+                "undelivered",
+                "nodes",
+                "epoch",
+                "provisional",
+                "phase",
+                "members",
+            ],
+        )
         self.assertEqual(
             (payload["replicas"], payload["r"], payload["w"], payload["undelivered"]), (1, 1, 1, 0)
         )

@@ -26,6 +26,8 @@ from shardkv.replica.codec import (
     MAX_INLINE_VALUE,
     MAX_OPS,
     MAX_REQUEST_BYTES,
+    MAX_STREAM_BYTES,
+    MAX_STREAM_OPS,
     BatchError,
     GetOp,
     Op,
@@ -36,6 +38,8 @@ from shardkv.replica.codec import (
     encode_request,
     encode_response,
     fits,
+    fits_stream,
+    stream_cost,
 )
 from tests.helpers import U64, WRITER_ALPHABET
 from tests.replica.helpers import GOOD_RECORD, V1, V2, json_bytes, ops_body
@@ -414,3 +418,51 @@ def test_each_result_kind_is_written_with_only_its_own_fields() -> None:
             {"status": 200, "applied": True},
         ]
     }
+
+
+# -- the stream's bounds ---------------------------------------------------------
+
+
+def test_a_stream_takes_max_stream_ops_and_a_batch_still_max_ops() -> None:
+    """
+    A move's stream decodes with max_ops=MAX_STREAM_OPS; the batch route's
+    default stays MAX_OPS, so a proxy's batch is bounded as before.
+    """
+    puts = [{"op": "put", "key": f"k{i}", "record": GOOD_RECORD} for i in range(MAX_STREAM_OPS)]
+    assert len(decode_request(ops_body(*puts), max_ops=MAX_STREAM_OPS)) == MAX_STREAM_OPS
+    with pytest.raises(BatchError, match=f"at most {MAX_STREAM_OPS} operations"):
+        decode_request(ops_body(*puts, puts[0]), max_ops=MAX_STREAM_OPS)
+    with pytest.raises(BatchError, match=f"at most {MAX_OPS} operations"):
+        decode_request(ops_body(*puts[: MAX_OPS + 1]))
+
+
+@PROPERTY
+@given(keys, records)
+def test_stream_cost_bounds_what_a_record_adds_to_a_stream_body(key: str, record: Record) -> None:
+    """A sender that adds up stream_cost never builds a body over its bound."""
+    empty = len(encode_request([]))
+    one = len(encode_request([PutOp(key, record)]))
+    assert one - empty <= stream_cost(key, record)
+
+
+def test_a_full_stream_of_worst_case_records_fits_max_stream_bytes() -> None:
+    """
+    Records as costly as JSON makes them (escaped keys and content types,
+    the longest versions), as many as their costs allow under
+    MAX_STREAM_BYTES, encode within MAX_STREAM_BYTES, and decode.
+    """
+    key = "\x01" * MAX_KEY_BYTES
+    record = Record(Version(U64, U64, "w" * 128), b"\xff" * 4096, '"' * MAX_CONTENT_TYPE)
+    assert fits_stream(key, record)
+    count = min(MAX_STREAM_OPS, MAX_STREAM_BYTES // stream_cost(key, record))
+    body = encode_request([PutOp(key, record)] * count)
+    assert len(body) <= MAX_STREAM_BYTES
+    assert len(decode_request(body, max_ops=MAX_STREAM_OPS)) == count
+
+
+def test_fits_stream_wants_a_batchable_content_type_and_a_bounded_cost() -> None:
+    assert fits_stream("k", Record(V1, b"x" * (1 << 20)))  # a value at the node's default limit
+    assert fits_stream("k", Record.deleted(V2))
+    assert not fits_stream("k", Record(V1, b"x" * MAX_STREAM_BYTES))
+    assert not fits_stream("k", Record(V1, b"x", "a" * (MAX_CONTENT_TYPE + 1)))
+    assert not fits_stream("k", Record(V1, b"x", "text/plain\x00"))

@@ -179,3 +179,80 @@ async def test_health_is_ok(engine: StorageEngine) -> None:
     await engine.put("k", rec(1))
     health = engine.health()
     assert health.ok and health.writable and health.reason == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_discard_deletes_only_the_version_it_names(engine: StorageEngine) -> None:
+    await engine.put("k", rec(2))
+    assert await engine.discard("k", rec(1)) is False, "an older version names nothing stored"
+    assert await engine.discard("k", rec(3)) is False, "nor does a newer one"
+    assert engine.get("k") == rec(2)
+    assert await engine.discard("k", rec(2)) is True
+    assert engine.get("k") is None
+    assert await engine.discard("k", rec(2)) is False
+    tomb = Record.deleted(v(4))
+    await engine.put("t", tomb)
+    assert await engine.discard("t", tomb) is True, "tombstones are discarded too"
+    assert engine.get("t") is None
+    assert await engine.discard("never", rec(1)) is False
+    long_key = LONG_KEYS[2]
+    await engine.put(long_key, rec(1))
+    assert await engine.discard(long_key, rec(1)) is True
+    assert engine.get(long_key) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_queued_before_a_discard_is_kept(engine: StorageEngine) -> None:
+    """Cleanup read version 1; a newer write landed meanwhile: it survives."""
+    await engine.put("k", rec(1))
+    newer = engine.put("k", rec(2))
+    discarded = engine.discard("k", rec(1))
+    assert await gatherResults([newer, discarded]) == [True, False]
+    assert engine.get("k") == rec(2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_drop_hints_deletes_one_targets_hints(engine: StorageEngine) -> None:
+    await gatherResults([engine.put_hint("n2", f"k{i}", rec(1)) for i in range(5)])
+    await engine.put_hint("n2", LONG_KEYS[2], rec(1))
+    await engine.put_hint("n3", "k0", rec(1))
+    await engine.put_hint("n22", "k0", rec(1))
+    await engine.put("k0", rec(1))
+    assert await engine.drop_hints("n2") == 6
+    assert engine.hints("n2") == []
+    assert engine.hint_counts() == {"n3": 1, "n22": 1}
+    assert engine.hints("n22") == [("k0", rec(1))], "a target whose name starts alike keeps its"
+    assert engine.get("k0") == rec(1), "records are not hints"
+    assert await engine.drop_hints("n2") == 0
+    assert await engine.drop_hints("nobody") == 0
+    assert await engine.put_hint("n2", "k0", rec(1)) is True, "a dropped target can hint again"
+    assert engine.hint_counts() == {"n2": 1, "n3": 1, "n22": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_meta_round_trip(engine: StorageEngine) -> None:
+    assert engine.get_meta("map") is None
+    await engine.put_meta("map", b'{"epoch": 1}')
+    assert engine.get_meta("map") == b'{"epoch": 1}'
+    await engine.put_meta("map", b'{"epoch": 2}')
+    await engine.put_meta("acceptor", b"\x00\xff")
+    assert engine.get_meta("map") == b'{"epoch": 2}'
+    assert engine.get_meta("acceptor") == b"\x00\xff"
+    for name in ("format", "last_bump"):
+        assert engine.get_meta(name) is None, "a name never reads the engine's own keys"
+        await engine.put_meta(name, b"mine")
+        assert engine.get_meta(name) == b"mine"
+    assert list(engine.scan()) == [], "metadata is not a record"
+    assert engine.hint_counts() == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_put_meta_commits_after_the_writes_queued_before_it(engine: StorageEngine) -> None:
+    """When put_meta fires, every write queued before it has fired and is committed."""
+    writes = [engine.put(f"k{i}", rec(1)) for i in range(50)]
+    meta = engine.put_meta("map", b"1")
+    fired_before: list[int] = []
+    meta.addCallback(lambda _: fired_before.append(sum(1 for d in writes if d.called)))
+    await meta
+    assert fired_before == [50]
+    assert all(engine.get(f"k{i}") == rec(1) for i in range(50))

@@ -24,11 +24,12 @@ from shardkv.core.quorum import Consistency
 from shardkv.core.versions import VersionClock
 from shardkv.errors import InvalidRequest
 from shardkv.node.store import NodeStore
-from shardkv.replica.codec import MAX_REQUEST_BYTES
+from shardkv.replica.codec import MAX_REQUEST_BYTES, MAX_STREAM_BYTES
 from shardkv.storage.memory import MemoryEngine
 from shardkv.web.dataroutes import (
     DEFAULT_MAX_VALUE_BYTES,
     JSON_ENVELOPE_SLACK,
+    MAP_BODY_LIMIT,
     SMALL_BODY_LIMIT,
     body_limit_for,
     consistency,
@@ -50,6 +51,29 @@ def test_the_batch_route_takes_large_bodies_on_nodes_only() -> None:
     assert limit(b"GET", b"/replica/batch") == SMALL_BODY_LIMIT
     proxy_limit = body_limit_for(DEFAULT_MAX_VALUE_BYTES)
     assert proxy_limit(b"POST", b"/replica/batch") == SMALL_BODY_LIMIT
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/replica/map/prepare",
+        b"/replica/map/accept",
+        b"/replica/map/learn",
+        b"/replica/plan",
+        b"/replica/plan/keys",
+    ],
+)
+def test_the_map_routes_take_a_whole_map_on_nodes_only(path: bytes) -> None:
+    """A map with thousands of members fits; a proxy still refuses such a body early."""
+    assert body_limit_for(MAX_VALUE, replica_routes=True)(b"POST", path) == MAP_BODY_LIMIT
+    assert body_limit_for(MAX_VALUE)(b"POST", path) == SMALL_BODY_LIMIT
+
+
+def test_the_stream_route_takes_a_whole_stream_batch_on_nodes_only() -> None:
+    assert body_limit_for(MAX_VALUE, replica_routes=True)(b"POST", b"/replica/stream") == (
+        MAX_STREAM_BYTES
+    )
+    assert body_limit_for(MAX_VALUE)(b"POST", b"/replica/stream") == SMALL_BODY_LIMIT
 
 
 @pytest.mark.parametrize("replica_routes", [False, True], ids=["proxy", "node"])

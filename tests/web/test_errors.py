@@ -27,11 +27,21 @@ from shardkv.core.records import CorruptRecord
 from shardkv.errors import (
     BadReplicaAnswer,
     Forbidden,
+    ForeignCluster,
+    InvalidChange,
     InvalidHintTarget,
+    InvalidMap,
     InvalidRequest,
+    MapConflict,
+    MapUnavailable,
+    MemberUnreachable,
+    MoveInProgress,
     NodeBusy,
+    NodeHasNewerMap,
     NodeTimeout,
     NodeUnreachable,
+    NoMove,
+    NoPlan,
     NotFound,
     Overloaded,
     PreconditionFailed,
@@ -40,11 +50,15 @@ from shardkv.errors import (
     ReplicaCallFailed,
     ReplicaRefused,
     ShardkvError,
+    StaleEpoch,
     StorageError,
     StorageFailed,
     StorageFull,
     StorageStartupError,
+    TooFewMembers,
+    TooLateToAbort,
     Unauthorized,
+    UnknownMember,
     ValueTooLarge,
 )
 from shardkv.web.errors import STATUS, error_body, install_error_handlers, status_for
@@ -75,6 +89,22 @@ EXPECTED: dict[type[ShardkvError], int] = {
     Forbidden: 403,
     # Raised while the node starts, before it serves anything.
     StorageStartupError: 500,
+    # The cluster map and membership changes.
+    InvalidMap: 400,
+    InvalidChange: 400,
+    UnknownMember: 404,
+    MapConflict: 409,
+    MoveInProgress: 409,
+    TooFewMembers: 409,
+    NoMove: 409,
+    TooLateToAbort: 409,
+    NoPlan: 409,
+    ForeignCluster: 409,
+    MemberUnreachable: 409,
+    StaleEpoch: 409,
+    MapUnavailable: 503,
+    # Proxy-side, like every refusal a node answers with.
+    NodeHasNewerMap: 502,
 }
 """The status every domain error class is answered with, decided one by one."""
 
@@ -100,6 +130,8 @@ def make(cls: type[ShardkvError]) -> ShardkvError:
         return cls("n1", 2.0)
     if issubclass(cls, NodeBusy):
         return cls("n1", 10)
+    if issubclass(cls, NodeHasNewerMap):
+        return cls("n1", "epoch 3 is older than 4", {"epoch": 4})
     if issubclass(cls, ReplicaRefused):
         return cls("n1", "storage_failed", "fsync failed")
     if issubclass(cls, ReplicaCallFailed):
@@ -167,6 +199,22 @@ def test_error_body_has_code_message_and_details() -> None:
     assert error_body(InvalidRequest("r is 0", "invalid_quorum")) == {
         "error": "invalid_quorum",
         "message": "r is 0",
+    }
+
+
+def test_a_stale_epoch_body_carries_the_newer_map() -> None:
+    """
+    A node that refuses a call planned at an older epoch answers its own
+    epoch and map beside the code, so the caller can switch without asking.
+    """
+    newer = {"cluster_id": "c1", "epoch": 4}
+    error = StaleEpoch("epoch 3 is older than 4", epoch=4, map=newer)
+    assert status_for(error) == 409
+    assert error_body(error) == {
+        "error": "stale_epoch",
+        "message": "epoch 3 is older than 4",
+        "epoch": 4,
+        "map": newer,
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import select
 import socket
 import ssl
@@ -473,7 +474,8 @@ async def test_header_count_limit(node: Served, count: int, status: int) -> None
 
 
 class HangingNode(Protocol):
-    """A fake node: answers C{GET /health}, accepts anything else and never answers."""
+    """A fake node: answers C{GET /health}, refuses the cluster map's routes (so
+    the proxy stays on its provisional map), accepts anything else and never answers."""
 
     def __init__(self, seen: Deferred[None], lost: Deferred[None]) -> None:
         self.buffer = b""
@@ -485,16 +487,22 @@ class HangingNode(Protocol):
         self.buffer += data
         while b"\r\n\r\n" in self.buffer and not self.hanging:
             head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            length = re.search(rb"(?im)^content-length: *(\d+)", head)
+            self.buffer = self.buffer[int(length.group(1)) if length else 0 :]
             if head.startswith(b"GET /health "):
-                body = b'{"status": "ok", "role": "node"}'
-                self.transport.write(  # type: ignore[union-attr]
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
+                self.answer(b"200 OK", b'{"status": "ok", "role": "node"}')
+            elif head.split(b" ")[1].startswith(b"/replica/map"):
+                self.answer(b"404 Not Found", b'{"error": "no_route", "message": "no maps here"}')
             else:
                 self.hanging = True
                 if not self.seen.called:
                     self.seen.callback(None)
+
+    def answer(self, status: bytes, body: bytes) -> None:
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body)
+        )
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self.hanging and not self.lost.called:

@@ -51,8 +51,11 @@ from shardkv.storage.lmdb.layout import (
     MAX_STORED_KEY_BYTES,
     META_DB,
     RECORDS_DB,
+    apply_discard,
+    apply_drop_hints,
     apply_put,
     apply_put_hint,
+    apply_put_meta,
     apply_remove_hint,
     apply_remove_tombstone,
     count_hints,
@@ -62,6 +65,7 @@ from shardkv.storage.lmdb.layout import (
     hint_key,
     is_bad_target,
     is_hint_of,
+    meta_key,
     pack_hint,
     pack_stored,
     unpack_stored,
@@ -73,10 +77,13 @@ _T = TypeVar("_T")
 MiB = 1024 * 1024
 DEFAULT_INITIAL_MAP_SIZE = 64 * MiB
 DEFAULT_MAX_MAP_SIZE = 1024 * 1024 * MiB
+DROP_HINTS_STEP = 10_000
+"""How many hints one write operation of L{LMDBEngine.drop_hints} deletes at most."""
 
 
 class LMDBEngine:
-    """Records in sub-database ``records``; hints for down nodes in ``hints``.
+    """Records in sub-database ``records``; hints for down nodes in ``hints``;
+    the node's metadata (L{put_meta}) in ``meta``.
 
     A record is stored under L{db_key} of its key (the key itself unless it is
     longer than 511 bytes); hints are kept by target, as
@@ -114,6 +121,7 @@ class LMDBEngine:
         self._committer: GroupCommitter | None = None
         self._pending: dict[str, list[Record]] = {}
         self._hints: lmdb._Database | None = None
+        self._meta: lmdb._Database | None = None
         self._hint_counts: dict[str, int] = {}
 
     # lifecycle
@@ -143,6 +151,7 @@ class LMDBEngine:
         self._env = env
         self._records = opened.records
         self._hints = opened.hints
+        self._meta = opened.meta
         self._hint_counts = count_hints(env, opened.hints)
         self._committer = GroupCommitter(
             env,
@@ -164,6 +173,7 @@ class LMDBEngine:
         self._env = None
         self._records = None
         self._hints = None
+        self._meta = None
         self._dir.release()
 
     # reads: inline, one short read transaction each
@@ -246,6 +256,16 @@ class LMDBEngine:
         )
         return self._submit(op)
 
+    def discard(self, key: str, record: Record) -> Deferred[bool]:
+        kb = self._check_key(key)
+        if isinstance(kb, Deferred):
+            return kb
+        dbk = db_key(kb)
+        op: WriteOp[bool] = WriteOp(
+            RECORDS_DB, partial(apply_discard, dbk, record.version), len(dbk)
+        )
+        return self._submit(op)
+
     def _check_key(self, key: str) -> bytes | Deferred[bool]:
         kb = key.encode("utf-8")
         if not kb:
@@ -291,6 +311,23 @@ class LMDBEngine:
         )
         return self._submit(op).addCallback(self._counted, target)
 
+    def drop_hints(self, target: str) -> Deferred[int]:
+        tb = target.encode("utf-8")
+        if is_bad_target(tb):
+            return succeed(0)
+        d: Deferred[int] = Deferred.fromCoroutine(self._drop_hints(target, tb))
+        return d
+
+    async def _drop_hints(self, target: str, tb: bytes) -> int:
+        total = 0
+        while True:
+            op: WriteOp[int] = WriteOp(HINTS_DB, partial(apply_drop_hints, tb, DROP_HINTS_STEP))
+            deleted = await self._submit(op)
+            total += deleted
+            self._counted((deleted > 0, -deleted), target)
+            if deleted < DROP_HINTS_STEP:
+                return total
+
     def hints(self, target: str, limit: int = 100) -> list[tuple[str, Record]]:
         env, _ = self._read_env()
         tb = target.encode("utf-8")
@@ -329,6 +366,26 @@ class LMDBEngine:
             else:
                 self._hint_counts.pop(target, None)
         return applied
+
+    # metadata: the node's own small documents, beside the storage format
+
+    def get_meta(self, name: str) -> bytes | None:
+        mk = meta_key(name)
+        env, _ = self._read_env()
+        if self._meta is None:
+            raise StorageError("the storage engine is not running")
+        with env.begin(db=self._meta) as txn:
+            return txn.get(mk)
+
+    def put_meta(self, name: str, value: bytes) -> Deferred[None]:
+        try:
+            mk = meta_key(name)
+        except ValueError as e:
+            return fail(StorageError(str(e)))
+        op: WriteOp[None] = WriteOp(
+            META_DB, partial(apply_put_meta, mk, bytes(value)), len(mk) + len(value)
+        )
+        return self._submit(op)
 
     # capacity and health
 

@@ -21,6 +21,11 @@ LMDB's key limit (511 bytes) it is ``target + 0x01 + sha256(key)`` instead;
 such hints come after the target's others. The hint's value holds the real key
 either way.
 
+Metadata (``put_meta``/``get_meta``: the node's cluster map and acceptor
+state) lives in ``meta`` beside the storage format, under ``b"m:" + name``:
+the prefix keeps a name from ever replacing ``format`` or the committer's
+``last_bump``.
+
 The ``apply_*`` functions run in the committer thread inside a group's write
 transaction (see L{shardkv.storage.lmdb.committer.WriteOp}); each keeps the
 newer-only rule, and a stored record that fails to decode never blocks a write.
@@ -49,6 +54,9 @@ _LONG_MARK = 0xFF
 _DIGEST_BYTES = hashlib.sha256().digest_size
 LONG_KEY_PREFIX = LMDB_MAX_KEY - 1 - _DIGEST_BYTES
 """How many leading bytes of a long key its LMDB key keeps (478)."""
+
+_META_PREFIX = b"m:"
+MAX_META_NAME_BYTES = 200
 
 _KEY_HEAD = struct.Struct(">H")
 MAX_STORED_KEY_BYTES = 2**16 - 1
@@ -93,6 +101,23 @@ def unpack_stored(dbk: bytes, raw: bytes) -> tuple[bytes, bytes]:
 
 def _decode_stored(dbk: bytes, raw: bytes) -> Record:
     return decode(unpack_stored(dbk, raw)[1])
+
+
+# -- metadata --------------------------------------------------------------------
+
+
+def meta_key(name: str) -> bytes:
+    """The LMDB key in ``meta`` of metadata ``name``; ValueError for an unusable name."""
+    nb = name.encode("utf-8")
+    if not nb or len(nb) > MAX_META_NAME_BYTES:
+        raise ValueError(f"a metadata name must be 1 to {MAX_META_NAME_BYTES} bytes: {name!r}")
+    return _META_PREFIX + nb
+
+
+def apply_put_meta(
+    mk: bytes, value: bytes, txn: lmdb.Transaction[bytes], db: lmdb._Database
+) -> None:
+    txn.put(mk, value, db=db)
 
 
 # -- hints -----------------------------------------------------------------------
@@ -179,6 +204,22 @@ def apply_remove_tombstone(
     return txn.delete(dbk, db=db)
 
 
+def apply_discard(
+    dbk: bytes, version: Version, txn: lmdb.Transaction[bytes], db: lmdb._Database
+) -> bool:
+    """Delete the record under ``dbk`` if it holds exactly ``version`` (tombstone or not)."""
+    current = txn.get(dbk, db=db)
+    if current is None:
+        return False
+    try:
+        stored = _decode_stored(dbk, current)
+    except CorruptRecord:
+        return False
+    if stored.version != version:
+        return False
+    return txn.delete(dbk, db=db)
+
+
 def apply_put_hint(
     hk: bytes, value: bytes, version: Version, txn: lmdb.Transaction[bytes], db: lmdb._Database
 ) -> tuple[bool, int]:
@@ -208,3 +249,20 @@ def apply_remove_hint(
         return False, 0
     txn.delete(hk, db=db)
     return True, -1
+
+
+def apply_drop_hints(
+    tb: bytes, limit: int, txn: lmdb.Transaction[bytes], db: lmdb._Database
+) -> int:
+    """Delete up to ``limit`` of target ``tb``'s hints; how many were deleted.
+
+    Bounded so that one target with millions of hints cannot make a write
+    transaction too large; the engine repeats until fewer than ``limit`` go.
+    """
+    cursor = txn.cursor(db=db)
+    deleted = 0
+    found = cursor.set_range(first_hint_key(tb))
+    while found and deleted < limit and is_hint_of(cursor.key(), tb):
+        found = cursor.delete()
+        deleted += 1
+    return deleted

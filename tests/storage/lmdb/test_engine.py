@@ -288,3 +288,46 @@ async def test_health_details(tmp_path: Path, make_lmdb: MakeLMDB) -> None:
     await engine.stop()
     stopped = engine.health()
     assert not stopped.ok and "not running" in stopped.reason
+
+
+# -- metadata, discard, dropped hints -------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_meta_persists_and_keeps_the_format(tmp_path: Path, make_lmdb: MakeLMDB) -> None:
+    engine = make_lmdb(tmp_path)
+    await engine.put_meta("format", b"not the storage format")
+    await engine.put_meta("map", b"m")
+    await engine.stop()
+    again = make_lmdb(tmp_path)
+    assert again.get_meta("format") == b"not the storage format"
+    assert again.get_meta("map") == b"m"
+    assert again.health().details["entries"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_meta_names_are_checked(tmp_path: Path, make_lmdb: MakeLMDB) -> None:
+    engine = make_lmdb(tmp_path)
+    with pytest.raises(StorageError):
+        await engine.put_meta("", b"x")
+    with pytest.raises(StorageError):
+        await engine.put_meta("n" * 201, b"x")
+    with pytest.raises(ValueError):
+        engine.get_meta("")
+
+
+@pytest_twisted.ensureDeferred
+async def test_drop_hints_in_steps_and_across_restart(
+    tmp_path: Path, make_lmdb: MakeLMDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("shardkv.storage.lmdb.engine.DROP_HINTS_STEP", 3)
+    engine = make_lmdb(tmp_path)
+    await gatherResults([engine.put_hint("n2", f"k{i}", rec(1)) for i in range(7)])
+    await engine.put_hint("n3", "k", rec(1))
+    assert await engine.drop_hints("n2") == 7
+    assert engine.hint_counts() == {"n3": 1}
+    await engine.stop()
+    again = make_lmdb(tmp_path)
+    assert again.hint_counts() == {"n3": 1}
+    assert again.hints("n2") == []
+    assert await again.drop_hints("\x00bad") == 0

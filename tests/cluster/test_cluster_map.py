@@ -1,0 +1,231 @@
+"""
+Tests of L{shardkv.cluster}: the proxy's map view, the CASPaxos proposer over
+HTTP and the sync service, against real node apps in a L{MemoryCluster}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+
+from shardkv.cluster.proposer import MapProposer
+from shardkv.cluster.view import MapView
+from shardkv.core.clustermap import ClusterMap, bootstrap
+from shardkv.core.membership import expect_epoch, stage
+from shardkv.core.quorum import QuorumSizes
+from shardkv.errors import MapConflict, MapUnavailable
+from shardkv.testing.memory import MemoryCluster
+from tests.helpers import NODES_3, shared_ring
+
+SIZES = QuorumSizes(3, 2, 2)
+NEW_NODE = "127.0.0.1:8084"
+
+
+def cluster(nodes: tuple[str, ...] = tuple(NODES_3), seed: int = 0) -> MemoryCluster:
+    return MemoryCluster(nodes, ring=shared_ring(nodes), seed=seed)
+
+
+def proxy(c: MemoryCluster) -> Any:
+    """The proxy's StubTreq, typed loosely (treq has no stubs for its methods)."""
+    return c.proxy
+
+
+def bumped(m: ClusterMap, epoch: int) -> ClusterMap:
+    return dataclasses.replace(m, epoch=epoch)
+
+
+# -- the view ------------------------------------------------------------------------
+
+
+def test_a_provisional_view_takes_any_real_map_then_only_newer_ones_of_its_cluster() -> None:
+    view = MapView.of_ring(shared_ring(tuple(NODES_3)), SIZES)
+    assert (view.epoch, view.provisional) == (0, True)
+    seen: list[int] = []
+    view.subscribe(lambda m: seen.append(m.epoch))
+    first = bootstrap("a" * 16, dict.fromkeys(NODES_3, 1.0), 3, 2, 2, view.current.vnodes)
+    assert view.install(first)
+    assert not view.install(first)
+    assert not view.install(dataclasses.replace(bumped(first, 5), cluster_id="b" * 16))
+    assert view.install(bumped(first, 3))
+    assert not view.install(bumped(first, 2))
+    assert seen == [1, 3]
+    assert (view.epoch, view.provisional) == (3, False)
+    assert view.health_json() == {"epoch": 3, "provisional": False}
+    assert not view.install_json({"not": "a map"})
+
+
+def test_the_view_reuses_a_given_ring() -> None:
+    ring = shared_ring(tuple(NODES_3))
+    view = MapView.of_ring(ring, SIZES)
+    assert view.read_ring() is ring
+    assert view.write_rings() == (ring,)
+    assert view.nodes() == tuple(sorted(NODES_3))
+
+
+# -- bootstrap and the proposer ---------------------------------------------------
+
+
+def test_bootstrap_creates_epoch_1_on_every_node() -> None:
+    c = cluster()
+    m = c.bootstrap()
+    assert m.epoch == 1 and c.view.epoch == 1 and not c.view.provisional
+    for node in c.nodes.values():
+        assert node.store.mapstore.epoch == 1
+    # A second proxy (or a restart) changes nothing: an identity proposal.
+    again = c.pump(Deferred.fromCoroutine(c.sync.bootstrap()))
+    assert again == m
+
+
+def test_requests_work_before_and_after_bootstrap() -> None:
+    c = cluster()
+    assert c.pump(proxy(c).put("http://proxy/kv/k", data=b"v")).code == 201
+    c.bootstrap()
+    reply = c.pump(proxy(c).get("http://proxy/kv/k"))
+    assert reply.code == 200
+    assert c.pump(reply.content()) == b"v"
+
+
+def test_no_majority_is_map_unavailable() -> None:
+    c = cluster()
+    c.network.down.update(NODES_3[:2])
+    with pytest.raises(MapUnavailable):
+        c.bootstrap()
+    assert c.view.provisional
+
+
+def test_a_change_is_learned_by_every_member() -> None:
+    c = cluster()
+    m = c.bootstrap()
+    c.add_node(NEW_NODE)
+    change = lambda cur: stage(expect_epoch(cur, m.epoch), add=[(NEW_NODE, 1.0)])  # noqa: E731
+    new = c.pump(Deferred.fromCoroutine(c.proposer.propose(change, c.view.nodes())))
+    assert new.epoch == 2
+    for node in [*NODES_3, NEW_NODE]:
+        assert c.nodes[node].store.mapstore.epoch == 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("delay_first", [0.0, 0.001, 0.01])
+def test_two_proposers_racing_from_one_epoch_never_both_win(seed: int, delay_first: float) -> None:
+    """
+    Two proxies stage different changes against epoch 1 at once. Whatever the
+    interleaving (the proposers' jitter, and one starting a little later),
+    exactly one wins and the other's change function raises MapConflict, and
+    every node ends on the winner's map.
+    """
+    c = cluster(seed=seed)
+    m = c.bootstrap()
+    # The second proposer (another proxy) reaches the same nodes.
+    rival = MapProposer(c.replica_client, "rival", c.clock, random.Random(seed + 7))
+    c.add_node(NEW_NODE)
+    changes = {
+        "add": lambda cur: stage(expect_epoch(cur, m.epoch), add=[(NEW_NODE, 1.0)]),
+        "weight": lambda cur: stage(expect_epoch(cur, m.epoch), weights={NODES_3[0]: 2.0}),
+    }
+    outcomes: dict[str, Any] = {}
+
+    def run(name: str, proposer: Any) -> None:
+        d = Deferred.fromCoroutine(proposer.propose(changes[name], list(NODES_3)))
+        d.addBoth(lambda r: outcomes.__setitem__(name, r))
+
+    run("add", c.proposer)
+    if delay_first:
+        c.clock.advance(delay_first)
+    run("weight", rival)
+    for _ in range(400):
+        c.node_http.flush()
+        if len(outcomes) == 2:
+            break
+        c.clock.advance(0.01)
+    assert len(outcomes) == 2
+    won = [n for n, r in outcomes.items() if isinstance(r, ClusterMap)]
+    lost = [n for n, r in outcomes.items() if not isinstance(r, ClusterMap)]
+    assert len(won) == 1 and len(lost) == 1, outcomes
+    assert outcomes[lost[0]].check(MapConflict)
+    winner = outcomes[won[0]]
+    assert winner.epoch == 2
+    for node in NODES_3:
+        assert c.nodes[node].store.mapstore.learned == winner
+
+
+# -- switching on stale_epoch, and polling -----------------------------------------
+
+
+def test_a_proxy_behind_switches_on_the_first_stale_epoch_answer() -> None:
+    """
+    The nodes hold epoch 5; a proxy that never polled (provisional) plans at
+    epoch 0, is refused with the map, switches, and the client's write and
+    read still succeed.
+    """
+    c = cluster()
+    m = c.bootstrap()
+    five = bumped(m, 5)
+    for node in c.nodes.values():
+        c.pump(node.store.mapstore.learn(five))
+    fresh = MemoryCluster(NODES_3, ring=shared_ring(tuple(NODES_3)))
+    fresh.nodes = c.nodes
+    fresh.dispatch.hosts = c.dispatch.hosts
+    assert fresh.view.provisional
+    put = fresh.pump(proxy(fresh).put("http://proxy/kv/k", data=b"v"))
+    assert put.code == 201, fresh.pump(put.content())
+    assert fresh.view.epoch == 5
+    assert fresh.coordinator.epoch_retries >= 1
+    got = fresh.pump(proxy(fresh).get("http://proxy/kv/k"))
+    assert got.code == 200
+
+
+def test_refresh_installs_the_newest_and_pushes_to_the_behind() -> None:
+    c = cluster()
+    m = c.bootstrap()
+    two = bumped(m, 2)
+    c.pump(c.nodes[NODES_3[0]].store.mapstore.learn(two))
+    assert c.pump(c.sync.refresh()) == two
+    assert c.view.epoch == 2
+    for node in c.nodes.values():
+        assert node.store.mapstore.epoch == 2
+    assert c.sync.learned_epochs() == dict.fromkeys(NODES_3, 1) | {NODES_3[0]: 2} or all(
+        e is not None for e in c.sync.learned_epochs().values()
+    )
+
+
+def test_the_service_bootstraps_then_serves_a_commit_within_two_seconds() -> None:
+    c = cluster()
+    service = c.sync.service()
+    service.startService()
+    for _ in range(20):
+        c.node_http.flush()
+        c.clock.advance(0.1)
+    assert c.view.epoch == 1
+    # Another proxy commits epoch 2 at the nodes; this one learns it by polling.
+    m = c.view.current
+    for node in c.nodes.values():
+        c.pump(node.store.mapstore.learn(bumped(m, 2)))
+    for _ in range(20):
+        c.node_http.flush()
+        c.clock.advance(0.1)
+    assert c.view.epoch == 2
+    service.stopService()
+
+
+def test_an_unfinished_change_is_settled_by_an_identity_proposal() -> None:
+    """A map accepted by a majority but never learned (its proposer died) gets chosen."""
+    c = cluster()
+    m = c.bootstrap()
+    two = bumped(m, 2).to_json()
+    ballot = (50, "dead-proxy")
+    for node in NODES_3[:2]:
+        c.pump(Deferred.fromCoroutine(c.replica_client.prepare(node, ballot)))
+        c.pump(Deferred.fromCoroutine(c.replica_client.accept(node, ballot, two)))
+    service = c.sync.service()
+    service.startService()
+    for _ in range(60):
+        c.node_http.flush()
+        c.clock.advance(0.1)
+    service.stopService()
+    assert c.view.epoch == 2
+    for app in c.nodes.values():
+        assert app.store.mapstore.epoch == 2
