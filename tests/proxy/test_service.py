@@ -84,8 +84,9 @@ def test_tree_has_client_timers_and_one_listener_per_endpoint() -> None:
     tuning (L{shardkv.proxy.allocator}), the HTTP client, the health timer
     (at the given interval), the hint-retry timer (every second), the map
     sync's timer (bootstrap retries every half second, then polls), the
-    rebalancer's step (every half second) and one listener per endpoint; once started, each listener listens where its
-    endpoint says, all serving one site.
+    rebalancer's step (every half second) and one listener per endpoint;
+    once started, each listener listens where its endpoint says, all serving
+    one site.
     """
     reactor = MemoryReactorClock()
     service = build(reactor, health_interval=7.0)
