@@ -12,7 +12,6 @@ that queues its writes. The move routes are L{shardkv.node.moveroutes}."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,12 +22,12 @@ from twisted.web.resource import Resource
 
 from shardkv.core.clustermap import ClusterMap
 from shardkv.core.consensus import Promise, ballot_json
-from shardkv.core.records import Record
 from shardkv.core.versions import VersionError
-from shardkv.errors import InvalidMap, InvalidRequest, ShardkvError
+from shardkv.errors import InvalidMap, InvalidRequest
 from shardkv.node.mapstore import parse_ballot
 from shardkv.node.mover import Mover
 from shardkv.node.moveroutes import install_move_routes
+from shardkv.node.results import batch_results
 from shardkv.node.store import NodeStore, Outcome
 from shardkv.replica import codec
 from shardkv.replica.protocol import (
@@ -50,8 +49,8 @@ from shardkv.replica.protocol import (
     record_headers,
 )
 from shardkv.web.auth import Guard, GuardedResource, node_policy
-from shardkv.web.dataroutes import install_data_routes, path_key
-from shardkv.web.errors import install_error_handlers, json_body, status_for
+from shardkv.web.dataroutes import install_data_routes, json_object, path_key
+from shardkv.web.errors import install_error_handlers, json_body
 
 _PREFIX = REPLICA_KV_PREFIX.encode()
 
@@ -128,7 +127,7 @@ class NodeApp:
 
         def answer(outcomes: Sequence[Outcome]) -> bytes:
             request.setHeader(b"content-type", b"application/json")
-            return codec.encode_response(_results(outcomes))
+            return codec.encode_response(batch_results(outcomes))
 
         return self.store.run_batch(ops).addCallback(answer)
 
@@ -209,35 +208,10 @@ def _json_object(request: IRequest, fields: set[str]) -> dict[str, Any]:
 
     L{InvalidRequest} (400) for anything else; a map in it is checked by
     L{ClusterMap.from_json} (L{InvalidMap}, 400)."""
-    try:
-        body: Any = json.loads(request.content.read())
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidRequest("the body is not valid JSON", "invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object", "invalid_json")
+    body = json_object(request)
     missing = sorted(fields - body.keys())
     if missing:
         if missing == ["map"]:
             raise InvalidMap('the body must hold the cluster map as "map"')
         raise InvalidRequest(f"the body is missing {', '.join(missing)}", "invalid_json")
     return body
-
-
-def _results(outcomes: Sequence[Outcome]) -> list[codec.Result]:
-    """The wire results, leaving out values once the response would pass
-    L{codec.MAX_INLINE_TOTAL} (the proxy then fetches those keys alone)."""
-    inline_left = codec.MAX_INLINE_TOTAL
-    results = []
-    for outcome in outcomes:
-        if isinstance(outcome, ShardkvError):
-            status = status_for(outcome)
-            results.append(codec.Result(status, error=outcome.code, message=outcome.message))
-        elif isinstance(outcome, Record):
-            if not codec.fits(outcome) or len(outcome.value) > inline_left:
-                results.append(codec.Result(200, inline=False))
-            else:
-                inline_left -= len(outcome.value)
-                results.append(codec.Result(200, record=outcome))
-        else:
-            results.append(codec.Result(200, applied=outcome))
-    return results

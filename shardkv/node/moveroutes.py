@@ -20,7 +20,6 @@ they use its C{mover} and C{store}, as L{shardkv.web.dataroutes} does.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -31,9 +30,11 @@ from twisted.web.iweb import IRequest
 from shardkv.core.clustermap import ClusterMap
 from shardkv.errors import InvalidMap, InvalidRequest
 from shardkv.node.mover import CleanupProgress, Mover, StreamProgress
+from shardkv.node.results import batch_results
 from shardkv.node.store import NodeStore
 from shardkv.replica import codec
 from shardkv.replica.protocol import MOVE_PATH, PLAN_KEYS_PATH, PLAN_PATH, STREAM_PATH
+from shardkv.web.dataroutes import json_object
 from shardkv.web.errors import json_body
 
 DEFAULT_PLAN_KEYS = 100
@@ -70,14 +71,14 @@ def install_move_routes(app: Klein) -> None:
 
     @app.route(PLAN_PATH, methods=["POST"])
     def replica_plan(self: MoveService, request: IRequest) -> Deferred[bytes]:
-        m = _map(_body(request))
+        m = _map(json_object(request))
         mover = _mover(self)
         d: Deferred[dict[str, Any]] = ensureDeferred(mover.plan(m))
         return d.addCallback(lambda plan: json_body(request, 200, plan))
 
     @app.route(PLAN_KEYS_PATH, methods=["POST"])
     def replica_plan_keys(self: MoveService, request: IRequest) -> Deferred[bytes]:
-        body = _body(request)
+        body = json_object(request)
         m = _map(body)
         to, cursor = body.get("to"), body.get("cursor") or ""
         limit = body.get("limit", DEFAULT_PLAN_KEYS)
@@ -105,33 +106,15 @@ def install_move_routes(app: Klein) -> None:
 
         def answer(outcomes: Sequence[Any]) -> bytes:
             request.setHeader(b"content-type", b"application/json")
-            return codec.encode_response(_batch_results(outcomes))
+            return codec.encode_response(batch_results(outcomes))
 
         return self.store.run_batch(ops).addCallback(answer)
-
-
-def _batch_results(outcomes: Sequence[Any]) -> list[codec.Result]:
-    # The batch route's own encoding, so the two routes answer alike. Imported
-    # here: the app module imports this one while it defines its routes.
-    from shardkv.node.app import _results
-
-    return _results(outcomes)
 
 
 def _mover(service: MoveService) -> Mover:
     if service.mover is None:
         raise InvalidRequest("this node does not take part in moves", "no_mover")
     return service.mover
-
-
-def _body(request: IRequest) -> dict[str, Any]:
-    try:
-        body: Any = json.loads(request.content.read())
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidRequest("the body is not valid JSON", "invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object", "invalid_json")
-    return body
 
 
 def _map(body: dict[str, Any]) -> ClusterMap:

@@ -44,6 +44,7 @@ from shardkv.errors import (
     ReplicaRefused,
     UnknownMember,
 )
+from shardkv.web.dataroutes import parse_json_object
 
 T = TypeVar("T")
 
@@ -157,13 +158,9 @@ def parse_change(raw: bytes) -> Change:
     ``"removes"`` cannot turn into a plan that changes something else.
     """
     try:
-        body = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidChange(f"the body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise InvalidChange("the body is not valid JSON: nested too deep") from None
-    if not isinstance(body, dict):
-        raise InvalidChange("the body must be a JSON object with add, remove and/or weights")
+        body = parse_json_object(raw or b"{}")
+    except InvalidRequest as e:
+        raise InvalidChange(f"{e.message}, with add, remove and/or weights") from None
     unknown = sorted(set(body) - set(_CHANGE_FIELDS))
     if unknown:
         raise InvalidChange(

@@ -8,18 +8,30 @@ on shardkv can use it too.
 
 Each node has its map store (blank) and a mover; the proxy side has a
 L{MapView} (provisional, from the node ids, until a map is installed), a
-L{MapProposer} and a L{MapSync}, none of them started. A test that only
-reads and writes needs nothing more: blank nodes check no epoch. One that
-wants the map on its nodes calls L{MemoryCluster.bootstrap}.
+L{MapProposer}, a L{MapSync}, and the admin and rebalancer of a membership
+change (L{MembershipAdmin}, L{Rebalancer}), wired as
+L{shardkv.proxy.service.default_app} wires them, none of them started. A test
+that only reads and writes needs nothing more: blank nodes check no epoch. One
+that wants the map on its nodes calls L{MemoryCluster.bootstrap}.
+
+For membership tests the cluster also runs what the real processes run on
+their timers (L{MemoryCluster.start_services}: the proxies' health checks,
+undelivered-hint retries, map polls and rebalancers, the nodes' hinted
+handoff), more proxies over the same nodes (L{MemoryCluster.add_proxy}),
+nodes that crash and restart over the data they had
+(L{MemoryCluster.crash}, L{MemoryCluster.restart}), and a bounded wait for a
+condition while the clock runs (L{MemoryCluster.drive}).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
@@ -35,13 +47,19 @@ from shardkv.core.placement import Ring
 from shardkv.core.quorum import QuorumSizes
 from shardkv.core.versions import VersionClock
 from shardkv.node.app import NodeApp
+from shardkv.node.handoff import HintHandoff
+from shardkv.node.mapstore import MapStore
 from shardkv.node.members import MemberOnlyClient, Members
 from shardkv.node.mover import Mover
+from shardkv.node.service import _learn_from_peer
 from shardkv.node.store import NodeStore
+from shardkv.periodic import periodic
 from shardkv.proxy.app import ProxyApp
+from shardkv.proxy.changes import MembershipAdmin
 from shardkv.proxy.coordinator import Coordinator
 from shardkv.proxy.health import HealthMonitor
 from shardkv.proxy.hints import HintKeeper
+from shardkv.proxy.rebalancer import Rebalancer
 from shardkv.replica.client import ReplicaClient
 from shardkv.storage.memory import MemoryEngine
 from shardkv.web.dataroutes import DEFAULT_MAX_VALUE_BYTES
@@ -54,28 +72,37 @@ def make_node(
     members: Iterable[str] | None = None,
     peers: Any = None,
     timeout: float = 2.0,
+    engine: MemoryEngine | None = None,
 ) -> NodeApp:
     """A node on a memory engine; ``members`` as ``twistd shardkv cluster`` would give them.
 
     With ``peers`` (an HTTP client reaching the other nodes) the node gets a
-    mover that streams to them, as a real node does."""
+    mover that streams to them, as a real node does. ``engine``: the data of
+    a node that ran before (a restart); its map store is loaded from it
+    before the mover resumes, as L{shardkv.node.service.NodeService} does."""
 
     def now_ms() -> int:
         return int(clock.seconds() * 1000) + offset_ms
 
     versions = VersionClock(node_id, now_ms)
     known = Members(members)
-    engine = MemoryEngine()
-    store = NodeStore(node_id, engine, versions, DEFAULT_MAX_VALUE_BYTES, now_ms, known)
+    engine = MemoryEngine() if engine is None else engine
+    mapstore = MapStore(node_id, engine)
+    store = NodeStore(
+        node_id, engine, versions, DEFAULT_MAX_VALUE_BYTES, now_ms, known, mapstore=mapstore
+    )
+    mapstore.load()
     if peers is None:
         return NodeApp(store)
-    mapstore = store.mapstore
     client = MemberOnlyClient(
         known, peers, clock, timeout, pipeline_depth=1, epoch=lambda: mapstore.epoch or None
     )
+    client.newer_map = partial(_learn_from_peer, mapstore)
     mover = Mover(node_id, engine, mapstore, client, clock)
     mover.start()
-    return NodeApp(store, mover=mover)
+    app = NodeApp(store, mover=mover)
+    app.peers = client  # type: ignore[attr-defined]  # for the node's hinted handoff
+    return app
 
 
 PROXY_WRITER = "proxy-test"

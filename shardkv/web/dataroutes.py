@@ -173,9 +173,12 @@ def consistency(request: IRequest) -> Consistency:
     )
 
 
-def _json_object(request: IRequest) -> dict[str, Any]:
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object; L{InvalidRequest}
+    (``invalid_json``, 400) for anything else. Every JSON route reads its
+    body through this, so all of them refuse bad input alike."""
     try:
-        body = json.loads(request.content.read())
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"the body is not valid JSON: {e}", "invalid_json") from None
     except RecursionError:
@@ -185,6 +188,11 @@ def _json_object(request: IRequest) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object", "invalid_json")
     return body
+
+
+def json_object(request: IRequest) -> dict[str, Any]:
+    """The request's body as a JSON object (see L{parse_json_object})."""
+    return parse_json_object(request.content.read())
 
 
 def _json_key(body: dict[str, Any]) -> str:
@@ -294,7 +302,7 @@ def install_data_routes(app: Klein) -> None:
 
     @app.route("/set", methods=["POST"])
     def set_(self: DataService, request: IRequest) -> Maybe[bytes]:
-        body = _json_object(request)
+        body = json_object(request)
         key = _json_key(body)
         value = body.get("value")
         if not isinstance(value, str):
@@ -324,7 +332,7 @@ def install_data_routes(app: Klein) -> None:
 
     @app.route("/delete", methods=["POST"])
     def delete_(self: DataService, request: IRequest) -> Maybe[bytes]:
-        body = _json_object(request)
+        body = json_object(request)
         key = _json_key(body)
         pre = _json_precondition(body)
 

@@ -57,7 +57,6 @@ from shardkv.storage.lmdb.layout import (
     apply_put_hint,
     apply_put_meta,
     apply_remove_hint,
-    apply_remove_tombstone,
     count_hints,
     db_key,
     decode_hint,
@@ -247,23 +246,18 @@ class LMDBEngine:
         return d
 
     def remove_tombstone(self, key: str, record: Record) -> Deferred[bool]:
-        kb = self._check_key(key)
-        if isinstance(kb, Deferred):
-            return kb
-        dbk = db_key(kb)
-        op: WriteOp[bool] = WriteOp(
-            RECORDS_DB, partial(apply_remove_tombstone, dbk, record.version), len(dbk)
-        )
-        return self._submit(op)
+        return self._discard(key, record, tombstone_only=True)
 
     def discard(self, key: str, record: Record) -> Deferred[bool]:
+        return self._discard(key, record, tombstone_only=False)
+
+    def _discard(self, key: str, record: Record, tombstone_only: bool) -> Deferred[bool]:
         kb = self._check_key(key)
         if isinstance(kb, Deferred):
             return kb
         dbk = db_key(kb)
-        op: WriteOp[bool] = WriteOp(
-            RECORDS_DB, partial(apply_discard, dbk, record.version), len(dbk)
-        )
+        apply = partial(apply_discard, dbk, record.version, tombstone_only)
+        op: WriteOp[bool] = WriteOp(RECORDS_DB, apply, len(dbk))
         return self._submit(op)
 
     def _check_key(self, key: str) -> bytes | Deferred[bool]:

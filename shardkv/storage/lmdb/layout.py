@@ -189,25 +189,15 @@ def apply_put(
     return True
 
 
-def apply_remove_tombstone(
-    dbk: bytes, version: Version, txn: lmdb.Transaction[bytes], db: lmdb._Database
-) -> bool:
-    current = txn.get(dbk, db=db)
-    if current is None:
-        return False
-    try:
-        stored = _decode_stored(dbk, current)
-    except CorruptRecord:
-        return False
-    if not (stored.tombstone and stored.version == version):
-        return False
-    return txn.delete(dbk, db=db)
-
-
 def apply_discard(
-    dbk: bytes, version: Version, txn: lmdb.Transaction[bytes], db: lmdb._Database
+    dbk: bytes,
+    version: Version,
+    tombstone_only: bool,
+    txn: lmdb.Transaction[bytes],
+    db: lmdb._Database,
 ) -> bool:
-    """Delete the record under ``dbk`` if it holds exactly ``version`` (tombstone or not)."""
+    """Delete the record under ``dbk`` if it holds exactly ``version`` (and, with
+    ``tombstone_only``, is a tombstone): a newer write since is never lost."""
     current = txn.get(dbk, db=db)
     if current is None:
         return False
@@ -215,7 +205,7 @@ def apply_discard(
         stored = _decode_stored(dbk, current)
     except CorruptRecord:
         return False
-    if stored.version != version:
+    if stored.version != version or (tombstone_only and not stored.tombstone):
         return False
     return txn.delete(dbk, db=db)
 
