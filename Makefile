@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit lint typecheck bench bench-storage system-deps clean
+.PHONY: run test unit lint typecheck bench bench-storage system-deps clean schemathesis
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,20 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/twistd -n shardkv cluster
 
-## System packages some tests use (libfiu for fsync faults, faketime for clock skew).
+## System packages some tests use (libfiu for fsync faults, faketime for clock skew,
+## chromium for the dashboard's headless-browser test).
 system-deps:
-	@./scripts/system-deps fiu-utils faketime
+	@./scripts/system-deps fiu-utils faketime chromium
 
 ## Everything CI checks: lint, types, then every test.
 test: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory schemathesis
+
+## schemathesis (st run) against a live proxy and a live node, from their own /openapi.json:
+## every operation, 100 examples each, default checks (scripts/schemathesis.toml says what is tuned).
+schemathesis: $(STAMP)
+	$(BIN)/python scripts/schemathesis.py --max-examples 100
 
 unit: $(STAMP)
 	$(BIN)/pytest -m "not slow"

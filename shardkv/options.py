@@ -16,7 +16,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from shardkv.addresses import parse_node_urls, parse_nodes
+from shardkv.config import ConfigFileOption
 from shardkv.core.versions import VersionClock, VersionError
+from shardkv.logs import LOG_LEVELS
 from shardkv.proxy.service import DEFAULT_PIPELINE_DEPTH
 from shardkv.replica.client import DEFAULT_NODE_INFLIGHT_BYTES
 from shardkv.storage.durability import check_durability
@@ -48,24 +50,52 @@ def _loopback(port: int) -> str:
     return f"tcp:{port}:interface=127.0.0.1:backlog={LISTEN_BACKLOG}"
 
 
-def _positive(kind: type, name: str, allow_zero: bool = False) -> Callable[[str], Any]:
-    """A coercer for numbers above zero (or at least zero)."""
+def _named(
+    kind: type, name: str, doc: str, check: Callable[[Any], str | None]
+) -> Callable[[str], Any]:
+    """A coercer whose every error names the option (twistd would print only
+    ``invalid literal for int()``). It raises L{usage.UsageError}, which
+    L{usage.Options} passes through as it is; ``kind`` tells L{shardkv.config}
+    which TOML type the option takes."""
+    what = "a whole number" if kind is int else "a number"
 
     def coerce(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise ValueError(f"{name} must be a number, not {text!r}") from None
-        if value < 0 or (value == 0 and not allow_zero):
-            raise ValueError(f"{name} must be {'zero or more' if allow_zero else 'positive'}")
+            raise usage.UsageError(f"{name} must be {what}, not {text!r}") from None
+        problem = check(value)
+        if problem is not None:
+            raise usage.UsageError(f"{name} must be {problem}, not {text}")
         return value
 
-    coerce.coerceDoc = "Zero or more." if allow_zero else "Must be positive."  # type: ignore[attr-defined]
+    coerce.coerceDoc = doc  # type: ignore[attr-defined]
+    coerce.kind = kind  # type: ignore[attr-defined]
     return coerce
 
 
-class _ServerOptions(usage.Options):
-    """What every server subcommand shares: where to listen and body limits."""
+def _positive(kind: type, name: str, allow_zero: bool = False) -> Callable[[str], Any]:
+    """A coercer for numbers above zero (or at least zero)."""
+    if allow_zero:
+        return _named(kind, name, "Zero or more.", lambda v: "zero or more" if v < 0 else None)
+    return _named(kind, name, "Must be positive.", lambda v: "positive" if v <= 0 else None)
+
+
+def _integer(name: str) -> Callable[[str], Any]:
+    return _named(int, name, "", lambda v: None)
+
+
+def _port(name: str) -> Callable[[str], Any]:
+    return _named(
+        int, name, "", lambda v: "a port number (0 to 65535)" if not 0 <= v <= 65535 else None
+    )
+
+
+LOG_FORMATS = ("text", "json")
+
+
+class _ServerOptions(ConfigFileOption):
+    """What every server subcommand shares: the config file, where to listen, limits and logs."""
 
     default_port = 0
     optFlags = [
@@ -103,6 +133,14 @@ class _ServerOptions(usage.Options):
             f"{NODE_MAX_INFLIGHT_BYTES >> 20} MiB on a node)",
             _positive(int, "--max-inflight-bytes"),
         ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text: twistd's lines; json: one JSON object per line (time, level, namespace, "
+            "text, fields).",
+        ],
+        ["log-level", None, "info", f"Least level logged: {', '.join(LOG_LEVELS)}."],
     ]
 
     def __init__(self) -> None:
@@ -122,6 +160,9 @@ class _ServerOptions(usage.Options):
         return [*self["listen"], _loopback(self["port"])]
 
     def postOptions(self) -> None:
+        for option, choices in (("log-format", LOG_FORMATS), ("log-level", LOG_LEVELS)):
+            if self[option] not in choices:
+                raise usage.UsageError(f"--{option} must be one of {', '.join(choices)}")
         self._port_given = self["port"] is not None
         if self["port"] is None:
             self["port"] = self.default_port
@@ -203,25 +244,10 @@ class _ClientTokenOption(usage.Options):
     ]
 
 
-class NodeOptions(_ServerOptions):
-    synopsis = "[options]"
-    longdesc = (
-        "Run one storage node. It serves the data API (/set, /get, /kv/{key}) and "
-        "/health, and keeps its records in an embedded database under --data-dir."
-    )
-    default_port = DEFAULT_NODE_PORTS[0]
-    optParameters = [
-        ["port", "p", None, "TCP port on 127.0.0.1 (default 8081); --listen for others.", int],
-        [
-            "node-id",
-            None,
-            None,
-            "Name of this node in versions and errors; keep it stable across restarts and "
-            "unique in the cluster. Default 127.0.0.1:PORT with --port; with --listen alone, "
-            "the first endpoint's interface and port (tcp:9001:interface=10.0.0.5 gives "
-            "10.0.0.5:9001, tcp:9001 on every interface gives HOSTNAME:9001: give --node-id "
-            "if the host name changes); required for an endpoint without a port.",
-        ],
+class _StorageOptions(_ServerOptions):
+    """What a node keeps and how: the storage options of ``node`` and ``cluster``."""
+
+    optParameters: list[list[Any]] = [
         ["storage", None, "lmdb", "Storage engine: lmdb (durable) or memory (lost on restart)."],
         ["data-dir", None, None, "Where lmdb keeps data (default ./shardkv-data/node-PORT)."],
         [
@@ -238,7 +264,13 @@ class NodeOptions(_ServerOptions):
             "Largest value accepted.",
             _positive(int, "--max-value-bytes"),
         ],
-        ["clock-offset-ms", None, 0, "Skew this node's wall clock (for testing).", int],
+        [
+            "clock-offset-ms",
+            None,
+            0,
+            "Skew this node's wall clock (for testing).",
+            _integer("--clock-offset-ms"),
+        ],
         [
             "ca-file",
             None,
@@ -256,6 +288,34 @@ class NodeOptions(_ServerOptions):
         except ValueError as e:
             raise usage.UsageError(f"--durability: {e}") from None
 
+
+class NodeOptions(_StorageOptions):
+    synopsis = "[options]"
+    longdesc = (
+        "Run one storage node. It serves the data API (/set, /get, /kv/{key}) and "
+        "/health, and keeps its records in an embedded database under --data-dir."
+    )
+    default_port = DEFAULT_NODE_PORTS[0]
+    optParameters: list[list[Any]] = [
+        [
+            "port",
+            "p",
+            None,
+            "TCP port on 127.0.0.1 (default 8081); --listen for others.",
+            _port("--port"),
+        ],
+        [
+            "node-id",
+            None,
+            None,
+            "Name of this node in versions and errors; keep it stable across restarts and "
+            "unique in the cluster. Default 127.0.0.1:PORT with --port; with --listen alone, "
+            "the first endpoint's interface and port (tcp:9001:interface=10.0.0.5 gives "
+            "10.0.0.5:9001, tcp:9001 on every interface gives HOSTNAME:9001: give --node-id "
+            "if the host name changes); required for an endpoint without a port.",
+        ],
+    ]
+
     def postOptions(self) -> None:
         super().postOptions()
         self._check_storage()
@@ -265,15 +325,63 @@ class NodeOptions(_ServerOptions):
             self["data-dir"] = os.path.join(DEFAULT_DATA_ROOT, f"node-{name}")
 
 
-class ProxyOptions(_ClientTokenOption, _ServerOptions):
+class _ReplicationOptions(usage.Options):
+    """How the proxy replicates and moves data: the proxy's and ``cluster``'s options."""
+
+    optParameters: list[list[Any]] = [
+        [
+            "timeout",
+            None,
+            2.0,
+            "Seconds to wait for a node before answering 504.",
+            _positive(float, "--timeout"),
+        ],
+        [
+            "pipeline-depth",
+            None,
+            DEFAULT_PIPELINE_DEPTH,
+            "Replica batches in flight per node; 0 sends one request per operation.",
+            _positive(int, "--pipeline-depth", allow_zero=True),
+        ],
+        [
+            "replicas",
+            None,
+            3,
+            "Copies of each key (N); fewer while the cluster is smaller.",
+            _positive(int, "--replicas"),
+        ],
+        ["r", None, 2, "Default read quorum R (a request may set ?r=).", _positive(int, "--r")],
+        ["w", None, 2, "Default write quorum W (a request may set ?w=).", _positive(int, "--w")],
+        [
+            "rebalance-rate",
+            None,
+            0,
+            "Keys per second a membership change may move, for the whole cluster "
+            "(0: unlimited); caps the move so foreground latency stays bounded.",
+            _positive(int, "--rebalance-rate", allow_zero=True),
+        ],
+    ]
+
+    def _check_quorums(self) -> None:
+        if self["r"] > self["replicas"] or self["w"] > self["replicas"]:
+            raise usage.UsageError("--r and --w must not exceed --replicas")
+
+
+class ProxyOptions(_ClientTokenOption, _ReplicationOptions, _ServerOptions):
     synopsis = "[options]"
     longdesc = (
         "Run the routing proxy. It places each key on a node by consistent hashing and "
         "forwards the request; /cluster and /explain?key= show the placement."
     )
     default_port = DEFAULT_PROXY_PORT
-    optParameters = [
-        ["port", "p", None, "TCP port on 127.0.0.1 (default 8080); --listen for others.", int],
+    optParameters: list[list[Any]] = [
+        [
+            "port",
+            "p",
+            None,
+            "TCP port on 127.0.0.1 (default 8080); --listen for others.",
+            _port("--port"),
+        ],
         [
             "nodes",
             None,
@@ -288,25 +396,11 @@ class ProxyOptions(_ClientTokenOption, _ServerOptions):
             _positive(int, "--vnodes"),
         ],
         [
-            "timeout",
-            None,
-            2.0,
-            "Seconds to wait for a node before answering 504.",
-            _positive(float, "--timeout"),
-        ],
-        [
             "pool-size",
             None,
             64,
             "Persistent connections kept per node.",
             _positive(int, "--pool-size"),
-        ],
-        [
-            "pipeline-depth",
-            None,
-            DEFAULT_PIPELINE_DEPTH,
-            "Replica batches in flight per node; 0 sends one request per operation.",
-            _positive(int, "--pipeline-depth", allow_zero=True),
         ],
         [
             "node-inflight-bytes",
@@ -330,15 +424,6 @@ class ProxyOptions(_ClientTokenOption, _ServerOptions):
             _positive(int, "--max-value-bytes"),
         ],
         [
-            "replicas",
-            None,
-            3,
-            "Copies of each key (N); fewer while the cluster is smaller.",
-            _positive(int, "--replicas"),
-        ],
-        ["r", None, 2, "Default read quorum R (a request may set ?r=).", _positive(int, "--r")],
-        ["w", None, 2, "Default write quorum W (a request may set ?w=).", _positive(int, "--w")],
-        [
             "proxy-id",
             None,
             None,
@@ -346,14 +431,12 @@ class ProxyOptions(_ClientTokenOption, _ServerOptions):
             "with --listen alone, proxy-HOST:PORT of the first endpoint (HOSTNAME when it "
             "listens on every interface); required for an endpoint without a port.",
         ],
-        ["clock-offset-ms", None, 0, "Skew this proxy's wall clock (for testing).", int],
         [
-            "rebalance-rate",
+            "clock-offset-ms",
             None,
             0,
-            "Keys per second a membership change may move, for the whole cluster "
-            "(0: unlimited); caps the move so foreground latency stays bounded.",
-            _positive(int, "--rebalance-rate", allow_zero=True),
+            "Skew this proxy's wall clock (for testing).",
+            _integer("--clock-offset-ms"),
         ],
         [
             "ca-file",
@@ -368,8 +451,7 @@ class ProxyOptions(_ClientTokenOption, _ServerOptions):
         super().postOptions()
         self["node-urls"] = parse_node_urls(self["nodes"])
         self["nodes"] = parse_nodes(self["nodes"])
-        if self["r"] > self["replicas"] or self["w"] > self["replicas"]:
-            raise usage.UsageError("--r and --w must not exceed --replicas")
+        self._check_quorums()
         if self["proxy-id"] is None and self["listen"] and not self._port_given:
             self["proxy-id"] = "proxy-" + self._checked_id("--proxy-id", None)
         elif self["proxy-id"] is None:
@@ -377,15 +459,15 @@ class ProxyOptions(_ClientTokenOption, _ServerOptions):
         self._checked_id("--proxy-id", self["proxy-id"], "{}.000000")
 
 
-class ClusterOptions(_ClientTokenOption, NodeOptions):
+class ClusterOptions(_ClientTokenOption, _ReplicationOptions, _StorageOptions):
     synopsis = "[options]"
     longdesc = (
         "Run a whole local cluster in one process for trying shardkv out: three nodes "
         "on 127.0.0.1:8081-8083 and the proxy on 127.0.0.1:8080, like `consul agent -dev`."
     )
     default_port = DEFAULT_PROXY_PORT
-    optParameters = [
-        ["port", "p", None, "Proxy port on 127.0.0.1 (default 8080).", int],
+    optParameters: list[list[Any]] = [
+        ["port", "p", None, "Proxy port on 127.0.0.1 (default 8080).", _port("--port")],
         [
             "node-ports",
             None,
@@ -394,27 +476,12 @@ class ClusterOptions(_ClientTokenOption, NodeOptions):
         ],
         ["data-dir", None, None, f"Root for node data (default ./{DEFAULT_DATA_ROOT})."],
         [
-            "timeout",
-            None,
-            2.0,
-            "Seconds the proxy waits for a node.",
-            _positive(float, "--timeout"),
-        ],
-        [
             "node-cert",
             None,
             None,
             "PEM certificate the nodes serve (for 127.0.0.1); with it they speak TLS only.",
         ],
         ["node-key", None, None, "PEM private key for --node-cert."],
-        [
-            "rebalance-rate",
-            None,
-            0,
-            "Keys per second a membership change may move, for the whole cluster "
-            "(0: unlimited); caps the move so foreground latency stays bounded.",
-            _positive(int, "--rebalance-rate", allow_zero=True),
-        ],
     ]
 
     def postOptions(self) -> None:
@@ -426,6 +493,7 @@ class ClusterOptions(_ClientTokenOption, NodeOptions):
         if not self["node-ports"]:
             raise usage.UsageError("--node-ports: no ports given")
         self._check_storage()
+        self._check_quorums()
         if self["data-dir"] is None:
             self["data-dir"] = DEFAULT_DATA_ROOT
         if (self["node-cert"] is None) != (self["node-key"] is None):

@@ -2,27 +2,35 @@
 
 Each subcommand's options (L{shardkv.options}) turn into keyword arguments
 for one service factory; the factories know nothing about command lines, so
-tests build the same services directly.
+tests build the same services directly. Here too the options meet twistd:
+the process's log observer (L{shardkv.logs}) and the settings a reload may
+change in the running tree (L{shardkv.reload}).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, IServiceCollection, MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from shardkv.logs import set_level, use_with_twistd
 from shardkv.node.service import make_node_service
 from shardkv.options import ClusterOptions, NodeOptions, ProxyOptions
-from shardkv.proxy.service import make_proxy_service
+from shardkv.proxy.service import ProxyService, make_proxy_service
+from shardkv.reload import Reloader, ReloadService
 from shardkv.storage.engine import StorageEngine
 from shardkv.storage.memory import MemoryEngine
+from shardkv.web.reloadroute import attach_reloader
 from shardkv.web.site import (
     NODE_MAX_INFLIGHT_BYTES,
     PROXY_MAX_INFLIGHT_BYTES,
+    QuietSite,
 )
 
 log = Logger(namespace="shardkv")
@@ -41,6 +49,23 @@ class Options(usage.Options):
         if self.subCommand is None:
             raise usage.UsageError("choose a subcommand: node, proxy or cluster")
         self._avoid_pidfile_clash()
+        self._choose_logger()
+
+    def _choose_logger(self) -> None:
+        """Have twistd log through L{shardkv.logs} (the format, the level filter),
+        unless its own ``--logger`` or ``--syslog`` was chosen."""
+        parent = getattr(self, "parent", None)
+        if parent is None:
+            return
+        log_format = self.subOptions["log-format"]
+        if parent.get("logger") or parent.get("syslog"):
+            if log_format == "json":
+                raise usage.UsageError(
+                    "--log-format json chooses the log observer itself: "
+                    "leave out twistd's --logger and --syslog"
+                )
+            return
+        parent["logger"] = use_with_twistd(parent, log_format)
 
     def _avoid_pidfile_clash(self) -> None:
         """Give each server its own pidfile unless the user chose one.
@@ -102,11 +127,20 @@ def makeService(config: Options, reactor: Any = None) -> IService:
 
         reactor = global_reactor
     sub = config.subOptions
-    if config.subCommand == "node":
+    set_level(sub["log-level"])
+    service = _service(config.subCommand, sub, reactor)
+    if IServiceCollection.providedBy(service):
+        reloader = _reloader(sub, service)
+        ReloadService(reloader, reactor).setServiceParent(service)
+    return service
+
+
+def _service(subcommand: str | None, sub: Any, reactor: Any) -> IService:
+    if subcommand == "node":
         return _node(
             sub, reactor, node_id=sub["node-id"], data_dir=sub["data-dir"], listen=sub.endpoints()
         )
-    if config.subCommand == "proxy":
+    if subcommand == "proxy":
         return make_proxy_service(
             reactor=reactor,
             nodes=sub["nodes"],
@@ -168,6 +202,10 @@ def _cluster(sub: ClusterOptions, reactor: Any) -> MultiService:
         access_log=sub["access-log"],
         echo_errors=sub.echo_errors(),
         writer_id=f"proxy-{sub['port']}",
+        replicas=sub["replicas"],
+        r=sub["r"],
+        w=sub["w"],
+        pipeline_depth=sub["pipeline-depth"],
         urls={node: f"{scheme}://{node}" for node in nodes},
         ca_file=sub["ca-file"],
         token=sub["token"],
@@ -178,3 +216,51 @@ def _cluster(sub: ClusterOptions, reactor: Any) -> MultiService:
         rebalance_rate=sub["rebalance-rate"],
     ).setServiceParent(top)
     return top
+
+
+def _walk(service: Any) -> Iterator[Any]:
+    yield service
+    if IServiceCollection.providedBy(service):
+        for child in service:
+            yield from _walk(child)
+
+
+def _reparse(sub: Any) -> Any:
+    """The same command line parsed again: the config file is read afresh."""
+    fresh = type(sub)()
+    fresh.parseOptions(sub.argv)
+    return fresh
+
+
+def _reloader(sub: Any, service: IService) -> Reloader:
+    """What a reload may change in this tree: each live option's setter."""
+    reloader = Reloader(lambda: _reparse(sub), sub, set(sub.synonyms.values()))
+    reloader.on_change("log-level", set_level)
+    for each in _walk(service):
+        site = getattr(each, "factory", None)
+        if isinstance(site, QuietSite):
+            reloader.on_change("access-log", partial(setattr, site, "access_log"))
+            reloader.on_change("header-timeout", partial(setattr, site, "header_timeout"))
+    for proxy in _walk(service):
+        if isinstance(proxy, ProxyService):
+            _proxy_settings(reloader, proxy)
+    return reloader
+
+
+def _proxy_settings(reloader: Reloader, proxy: ProxyService) -> None:
+    coordinator = proxy.parts.coordinator
+    reloader.on_change("timeout", proxy.parts.replica_client.set_timeout)
+
+    def default_r(r: int) -> None:
+        """This proxy's default R from now on, in place of the map's."""
+        coordinator.defaults = dataclasses.replace(coordinator.defaults, r=r)
+
+    def default_w(w: int) -> None:
+        coordinator.defaults = dataclasses.replace(coordinator.defaults, w=w)
+
+    reloader.on_change("r", default_r)
+    reloader.on_change("w", default_w)
+    admin = getattr(proxy.app, "admin", None)
+    if admin is not None:  # for plans made from now on
+        reloader.on_change("rebalance-rate", partial(setattr, admin, "rate"))
+    attach_reloader(proxy.app, reloader)

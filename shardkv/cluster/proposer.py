@@ -212,7 +212,7 @@ class MapProposer:
                     _map_or_none(answer.get("accepted")),
                 )
             except (ReplicaCallFailed, KeyError, TypeError, InvalidMap) as e:
-                log.info("prepare at {node} failed: {why}", node=node, why=e)
+                log.debug("prepare at {node} failed: {why}", node=node, why=e)
                 return e
 
         return Deferred.fromCoroutine(call())
@@ -226,7 +226,7 @@ class MapProposer:
                     self._saw(parse_wire_ballot(answer.get("promised_ballot")))
                 return ok
             except (ReplicaCallFailed, KeyError, TypeError, InvalidMap) as e:
-                log.info("accept at {node} failed: {why}", node=node, why=e)
+                log.debug("accept at {node} failed: {why}", node=node, why=e)
                 return e
 
         return Deferred.fromCoroutine(call())
@@ -236,7 +236,7 @@ class MapProposer:
             try:
                 await self.client.learn(node, body, timeout=self.timeout)
             except ReplicaCallFailed as e:
-                log.info("could not tell {node} the new map: {why}", node=node, why=e.message)
+                log.debug("could not tell {node} the new map: {why}", node=node, why=e.message)
 
         return Deferred.fromCoroutine(call())
 

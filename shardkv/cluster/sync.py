@@ -96,6 +96,7 @@ class MapSync:
         self.settle_after = settle_after
         self.timeout = timeout
         self._cluster_id = cluster_id
+        self._last_failure: str | None = None
         self.bootstrapped = False
         self._warned = False
         self._epochs: dict[str, int | None] = {}
@@ -233,7 +234,7 @@ class MapSync:
                 self._epochs[node] = epoch if isinstance(epoch, int) else m.epoch
             else:
                 why = answer.value.message if isinstance(answer.value, ShardkvError) else answer
-                log.info(
+                log.debug(
                     "could not bring {node} up to epoch {epoch}: {why}",
                     node=node,
                     epoch=m.epoch,
@@ -294,9 +295,14 @@ class MapSync:
             try:
                 await self.bootstrap()
             except (MapUnavailable, InvalidMap, ReplicaCallFailed) as e:
-                log.info(
-                    "no cluster map yet ({why}); trying again in {s} s", why=e.message, s=self.retry
-                )
+                if e.message != self._last_failure:
+                    # Said once per reason: the retry runs every half second.
+                    self._last_failure = e.message
+                    log.info(
+                        "no cluster map yet ({why}); trying again every {s} s",
+                        why=e.message,
+                        s=self.retry,
+                    )
                 await self.refresh()
             except ShardkvError as e:
                 log.warn("could not bootstrap the cluster map: {why}", why=e.message)

@@ -154,6 +154,15 @@ class ClusterMap:
     def write_rings(self) -> tuple[Ring, ...]:
         return tuple(ring_for(w, self.vnodes) for w in self.write_weight_sets())
 
+    def writes_to(self, node: str, key: str) -> bool:
+        """Whether a write of ``key`` goes to ``node`` under this map.
+
+        A hint for a node that no longer holds the key is dropped rather than
+        delivered: the key's owners have the write (their quorum, and a move's
+        copies), and a delivered copy would be an orphan no cleanup removes.
+        """
+        return any(node in ring.preference_list(key, self.n) for ring in self.write_rings())
+
     # -- JSON --------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import math
 import struct
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -204,6 +204,16 @@ class Ring:
                 previous = position
             self._shares = {n: arc / HASH_SPACE for n, arc in zip(self._nodes, arcs, strict=True)}
         return dict(self._shares)
+
+    def points(self) -> Iterator[tuple[int, str]]:
+        """Every point clockwise, as C{(position, owner)}.
+
+        The owner holds the arc that ends at the point: the keys after the
+        previous point up to this one. For views that draw the ring (the
+        dashboard); like L{shares} it walks every point, so cache what it gives.
+        """
+        nodes = self._nodes
+        return zip(self._positions, (nodes[owner] for owner in self._owners), strict=True)
 
     def _index(self, position: int) -> int:
         """Index of the first point at or after C{position}, wrapping to 0."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -24,6 +23,7 @@ from shardkv.core.clustermap import ClusterMap
 from shardkv.core.consensus import Promise, ballot_json
 from shardkv.core.versions import VersionError
 from shardkv.errors import InvalidMap, InvalidRequest
+from shardkv.metrics import NodeMetrics
 from shardkv.node.mapstore import parse_ballot
 from shardkv.node.mover import Mover
 from shardkv.node.moveroutes import install_move_routes
@@ -51,24 +51,34 @@ from shardkv.replica.protocol import (
 from shardkv.web.auth import Guard, GuardedResource, node_policy
 from shardkv.web.dataroutes import install_data_routes, json_object, path_key
 from shardkv.web.errors import install_error_handlers, json_body
+from shardkv.web.metricsroutes import RoutedKlein, install_metrics_routes
+from shardkv.web.openapi import install_openapi_routes
 
 _PREFIX = REPLICA_KV_PREFIX.encode()
 
 
 class NodeApp:
-    app = Klein()
+    app = RoutedKlein()
+    install_metrics_routes(app)
     install_data_routes(app)
     install_error_handlers(app)
     install_move_routes(app)
+    install_openapi_routes(app)
 
     def __init__(
-        self, store: NodeStore, guard: Guard | None = None, mover: Mover | None = None
+        self,
+        store: NodeStore,
+        guard: Guard | None = None,
+        mover: Mover | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         """Without a ``guard`` the node is in protected mode (no token, loopback peers only).
         ``mover`` streams and cleans up for moves (L{shardkv.node.moveroutes});
-        without one the move routes answer as for a node with nothing to do."""
+        without one the move routes answer as for a node with nothing to do.
+        ``metrics``: what ``/metrics`` serves (None: it answers 404)."""
         self.store = store
         self.mover = mover
+        self.metrics = metrics
         self.max_value_bytes = store.max_value_bytes
         self.guard = guard if guard is not None else Guard()
 

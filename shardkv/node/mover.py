@@ -210,8 +210,15 @@ class _Task:
         self.finished.addErrback(self._failed)
 
     def _failed(self, failure: Failure) -> None:
-        if not (self.stopped or failure.check(CancelledError)):
-            log.failure("move task for epoch {epoch} failed", failure, epoch=self.epoch)
+        """A task must not die quietly and leave the move waiting for it forever:
+        log why, and start it again from its saved progress after a pause."""
+        if self.stopped or failure.check(CancelledError):
+            return
+        log.failure("move task for epoch {epoch} failed; restarting it", failure, epoch=self.epoch)
+        progress = getattr(self, "progress", None)
+        if progress is not None:
+            progress.last_error = str(failure.value) or repr(failure.value)
+        self.mover.clock.callLater(RETRY_MAX, self.mover.restart, self)
 
     def track(self, d: Deferred[Any]) -> Deferred[Any]:
         self._inflight.add(d)
@@ -587,6 +594,18 @@ class Mover:
             if task is not None:
                 task.stop()
         self.stream = self.cleanup = None
+
+    def restart(self, task: _Task) -> None:
+        """Start ``task`` again from its saved progress, if nothing replaced it meanwhile."""
+        if self.stream is task:
+            self.stream = None
+        elif self.cleanup is task:
+            self.cleanup = None
+        else:
+            return
+        m = self.mapstore.learned
+        if m is not None:
+            self.learned(m)
 
     def learned(self, m: ClusterMap) -> None:
         """A map was installed: stop the tasks of older epochs, start what this one asks for."""

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -14,6 +15,7 @@ from twisted.logger import Logger
 from shardkv.core.clustermap import ClusterMap
 from shardkv.core.versions import VersionClock
 from shardkv.errors import ShardkvError, StorageStartupError
+from shardkv.metrics import NodeMetrics
 from shardkv.node.app import NodeApp
 from shardkv.node.handoff import HintHandoff
 from shardkv.node.mapstore import MapStore
@@ -106,6 +108,11 @@ def make_node_service(
     hands hints to its peers over https, verified against that CA: a hint names its
     target by id only, so one scheme serves every peer, and a cluster is all TLS or not.
     """
+    # This service's own registry: several services may share a process.
+    metrics = NodeMetrics(CollectorRegistry())
+    instrument = getattr(engine, "instrument", None)
+    if callable(instrument):
+        instrument(metrics.storage)
     known = Members(members)
     versions = VersionClock(node_id, now_ms)
     mapstore = MapStore(node_id, engine)
@@ -122,10 +129,16 @@ def make_node_service(
         pipeline_depth=1,
         urls=urls,
         epoch=lambda: mapstore.epoch or None,
+        metrics=metrics.replica,
     )
     peers.newer_map = partial(_learn_from_peer, mapstore)
     mover = Mover(node_id, engine, mapstore, peers, reactor)
-    app = NodeApp(store, Guard(token), mover=mover)
+    app = NodeApp(store, Guard(token), mover=mover, metrics=metrics)
+    metrics.watch(
+        storage=lambda: engine.health().details,
+        hints_waiting=engine.hint_counts,
+        epoch=lambda: mapstore.epoch or 0,
+    )
     service = NodeService(engine, mapstore, mover)
     client.setServiceParent(service)
     site = make_site(
@@ -136,11 +149,12 @@ def make_node_service(
         header_timeout=header_timeout,
         max_connections=max_connections,
         max_inflight_bytes=max_inflight_bytes,
+        metrics=metrics.http,
     )
-    handoff = HintHandoff(engine, peers)
+    handoff = HintHandoff(engine, peers, metrics=metrics, cluster_map=lambda: mapstore.learned)
     handoff.service(handoff_interval, reactor).setServiceParent(service)
     collector = TombstoneCollector(
-        engine, now_ms, tombstone_grace, cooperator=cooperator_on(reactor)
+        engine, now_ms, tombstone_grace, cooperator=cooperator_on(reactor), metrics=metrics
     )
     collector.service(min(tombstone_grace, 3600.0), reactor).setServiceParent(service)
     for description in listen:

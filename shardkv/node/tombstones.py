@@ -3,7 +3,8 @@
 A delete leaves a tombstone so that a stale replica, a late hint or read
 repair cannot bring the value back. After ``grace`` (longer than any hint or
 outage should last) the tombstone is dropped. The scan runs in small steps
-under C{cooperate}, so a large store never blocks the reactor.
+under C{cooperate}, so a large store never blocks the reactor. Each one
+dropped is counted (``shardkv_tombstones_collected_total``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 
+from shardkv.metrics import NodeMetrics, counter_value
 from shardkv.periodic import periodic
 from shardkv.storage.engine import StorageEngine
 
@@ -30,13 +32,20 @@ class TombstoneCollector:
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         step: int = 200,
         cooperator: Cooperator | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
+        """``metrics``: where collections are counted (default: a private registry)."""
         self._engine = engine
         self._now_ms = now_ms
         self._grace_ms = int(grace_seconds * 1000)
         self._step = step
         self._cooperator = cooperator or Cooperator()
-        self.collected = 0
+        self._collected = (metrics or NodeMetrics.private()).tombstones_collected
+
+    @property
+    def collected(self) -> int:
+        """Tombstones dropped so far (read from the registry)."""
+        return int(counter_value(self._collected))
 
     def collect(self) -> Deferred[Any]:
         """One pass over the store; fires when done."""
@@ -59,7 +68,8 @@ class TombstoneCollector:
             start = batch[self._step][0]
 
     def _count(self, removed: bool) -> bool:
-        self.collected += int(removed)
+        if removed:
+            self._collected.inc()
         return removed
 
     def service(self, interval: float, clock: IReactorTime) -> TimerService:

@@ -8,6 +8,7 @@ mode. Failures are domain errors; L{shardkv.web.errors} renders them.
 
     GET  /admin/map                             the current map
     POST /admin/plan {"add", "remove", "weights"} stage a change; what it would move
+    GET  /admin/plan                            the staged plan, as POST answered it
     GET  /admin/plan/keys?from=ID&to=ID&cursor=C  one page of a pair's keys
     POST /admin/commit                          install the staged map; the move starts
     POST /admin/abort                           head back to the previous placement
@@ -75,6 +76,10 @@ def install_admin_routes(app: Klein) -> None:
         admin = _admin(self)
         answer = await admin.plan(request.content.read())
         return json_body(request, 200, answer)
+
+    @app.route("/admin/plan", methods=["GET"])
+    def admin_staged_plan(self: AdminService, request: IRequest) -> bytes:
+        return json_body(request, 200, _admin(self).staged_plan())
 
     @app.route("/admin/plan/keys", methods=["GET"])
     async def admin_plan_keys(self: AdminService, request: IRequest) -> bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -21,14 +20,19 @@ from shardkv.core.quorum import Consistency
 from shardkv.core.records import Record
 from shardkv.core.versions import Version
 from shardkv.core.writes import WriteResult
+from shardkv.dashboard.app import install_dashboard_routes
 from shardkv.proxy.admin import install_admin_routes
 from shardkv.proxy.coordinator import Coordinator
 from shardkv.proxy.views import cluster_view, explain_key
 from shardkv.web.auth import Guard, GuardedResource, proxy_policy
 from shardkv.web.dataroutes import consistency, install_data_routes, query_key
 from shardkv.web.errors import install_error_handlers, json_body
+from shardkv.web.metricsroutes import RoutedKlein, install_metrics_routes
+from shardkv.web.openapi import install_openapi_routes
+from shardkv.web.reloadroute import install_reload_routes
 
 if TYPE_CHECKING:
+    from shardkv.metrics import ProxyMetrics
     from shardkv.proxy.changes import MembershipAdmin
     from shardkv.proxy.rebalancer import Rebalancer
 
@@ -55,9 +59,13 @@ class QuorumBackend:
 
 
 class ProxyApp:
-    app = Klein()
+    app = RoutedKlein()
+    install_metrics_routes(app)
     install_data_routes(app)
     install_admin_routes(app)
+    install_reload_routes(app)
+    install_dashboard_routes(app)
+    install_openapi_routes(app)
     install_error_handlers(app)
 
     def __init__(
@@ -67,14 +75,17 @@ class ProxyApp:
         guard: Guard | None = None,
         admin: MembershipAdmin | None = None,
         rebalancer: Rebalancer | None = None,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
         """Without a ``guard``: no tokens, admin routes for loopback peers only.
-        Without ``admin`` / ``rebalancer`` their routes answer 404."""
+        Without ``admin`` / ``rebalancer`` their routes answer 404; without
+        ``metrics``, ``/metrics`` does."""
         self.coordinator = coordinator
         self.max_value_bytes = max_value_bytes
         self.guard = guard if guard is not None else Guard()
         self.admin = admin
         self.rebalancer = rebalancer
+        self.metrics = metrics
 
     def resource(self) -> Resource:
         """The app behind its guard: what a proxy serves."""

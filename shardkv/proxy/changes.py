@@ -400,6 +400,15 @@ class MembershipAdmin:
             ) from None
         return {"keys": list(answer.get("keys", [])), "cursor": answer.get("cursor")}
 
+    def staged_plan(self) -> dict[str, Any]:
+        """``GET /admin/plan``: the staged plan as ``POST /admin/plan`` answered it.
+
+        So that a second look (``shardkv plan``) need not stage the change
+        again; L{NoPlan} when nothing is staged on this proxy. It is the answer
+        from when it was staged: commit re-checks it against the map as it is.
+        """
+        return self._staged().answer
+
     def _staged(self) -> StagedPlan:
         if self.staged is None:
             raise NoPlan("no plan is staged on this proxy; POST /admin/plan first")

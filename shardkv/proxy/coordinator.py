@@ -75,6 +75,7 @@ from shardkv.errors import (
     QuorumUnavailable,
     ReplicaCallFailed,
 )
+from shardkv.metrics import ProxyMetrics, counter_value
 from shardkv.proxy.health import HealthMonitor
 from shardkv.proxy.hints import HintKeeper
 from shardkv.replica.client import ReplicaClient, write_cost
@@ -111,10 +112,12 @@ class Coordinator:
         versions: VersionClock,
         hints: HintKeeper,
         sizes: QuorumSizes | None = None,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
         """``view``: the map to route by. A bare L{Ring} (tests, tools) is served as a
         provisional map of its nodes with ``sizes``; with a view, N, R and W are the
-        map's and ``sizes`` is ignored."""
+        map's and ``sizes`` is ignored. ``metrics``: where quorum outcomes, read
+        repairs and epoch retries are counted (default: a private registry)."""
         if isinstance(view, Ring):
             view = MapView.of_ring(view, sizes or DEFAULT_SIZES)
         self.view = view
@@ -122,8 +125,24 @@ class Coordinator:
         self.health = health
         self.versions = versions
         self.hints = hints
-        self.repairs = 0
-        self.epoch_retries = 0
+        self.metrics = metrics if metrics is not None else ProxyMetrics.private()
+        self._repairs = self.metrics.read_repairs
+        self._epoch_retries = self.metrics.epoch_retries
+        quorum = self.metrics.quorum
+        self._quorum_ok = {False: quorum[("read", "ok")], True: quorum[("write", "ok")]}
+        self.defaults = Consistency()
+        """This proxy's own default R and W in place of the map's (None: the map's);
+        a reload that changes ``--r`` or ``--w`` sets them."""
+
+    @property
+    def repairs(self) -> int:
+        """Read repairs sent so far (``shardkv_read_repairs_total``)."""
+        return int(counter_value(self._repairs))
+
+    @property
+    def epoch_retries(self) -> int:
+        """Requests run again at a newer map (``shardkv_epoch_retries_total``)."""
+        return int(counter_value(self._epoch_retries))
 
     @property
     def ring(self) -> Ring:
@@ -138,21 +157,34 @@ class Coordinator:
     def quorum_sizes(self, c: Consistency, placement: Placement | None = None) -> QuorumSizes:
         """N, R and W for one request."""
         p = placement or self.view.placement
-        return quorum_sizes(p.sizes, p.members, c)
+        sizes, d = p.sizes, self.defaults
+        if d.r is not None or d.w is not None:
+            sizes = QuorumSizes(sizes.n, d.r or sizes.r, d.w or sizes.w)
+        return quorum_sizes(sizes, p.members, c)
 
     async def _at_epoch(self, run: Callable[[Placement], Awaitable[_T]], write: bool) -> _T:
         """``run`` at the current placement, and once more at a newer one if it
-        failed, nothing was applied, and the map changed meanwhile."""
+        failed, nothing was applied, and the map changed meanwhile; its quorum
+        outcome counted (in this frame: one more coroutine per request would cost more)."""
         placement = self.view.placement
         try:
-            return await run(placement)
+            retry = False
+            try:
+                result = await run(placement)
+            except QuorumUnavailable as e:
+                if self.view.epoch == placement.epoch:
+                    raise
+                if write and e.details.get("outcome") != "not_applied":
+                    raise
+                retry = True
+            if retry:
+                self._epoch_retries.inc()
+                result = await run(self.view.placement)
         except QuorumUnavailable as e:
-            if self.view.epoch == placement.epoch:
-                raise
-            if write and e.details.get("outcome") != "not_applied":
-                raise
-        self.epoch_retries += 1
-        return await run(self.view.placement)
+            self.metrics.quorum_outcome(write, e)
+            raise
+        self._quorum_ok[write].inc()
+        return result
 
     # reads
 
@@ -242,7 +274,7 @@ class Coordinator:
         if newest is None:
             return
         for node in quorum.stale():
-            self.repairs += 1
+            self._repairs.inc()
             call = self.replica_client.replica_put(node, key, newest, epoch=epoch)
             call.addErrback(self._repair_failed, node)
 
@@ -308,7 +340,7 @@ class Coordinator:
             now = self.view.placement
             if not stale or now.epoch == p.epoch:
                 raise
-            self.epoch_retries += 1
+            self._epoch_retries.inc()
             n2 = min(n, now.members)
             w2 = min(w, n2)
             try:

@@ -27,6 +27,9 @@ A killed node refuses connections, so it is down at its first failed request
 or check. A paused one (SIGSTOP) accepts connections and answers nothing, so
 it is down after ``strikes`` checks: about ``strikes * (check_timeout +
 interval)`` seconds, under 4 s with the defaults and a 0.25 s interval.
+
+Each change of a node's status is counted (``shardkv_node_health_flips_total``
+in the proxy's L{ProxyMetrics}); ``shardkv_node_up`` is read from L{states}.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from shardkv.errors import NodeTimeout, NodeUnreachable
+from shardkv.metrics import ProxyMetrics
 from shardkv.periodic import periodic
 
 log = Logger(namespace="shardkv.proxy.health")
@@ -79,8 +83,11 @@ class HealthMonitor:
         interval: float = 1.0,
         check_timeout: float = DEFAULT_CHECK_TIMEOUT,
         strikes: int = DEFAULT_STRIKES,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
+        """``metrics``: where status changes are counted (default: a private registry)."""
         self._check = check
+        self.metrics = metrics if metrics is not None else ProxyMetrics.private()
         self._clock = clock
         self.interval = interval
         self.check_timeout = check_timeout
@@ -119,6 +126,7 @@ class HealthMonitor:
                 why=f": {error}" if error else "",
             )
             state.status, state.since = status, now
+            self.metrics.flipped(node, status)
         state.error = error
         state.last_check = now
 

@@ -7,6 +7,10 @@ that no node could take waits here, in a bounded queue, and is retried every
 second; only a proxy restart (or an overflowing queue) leaves it to read
 repair. A record queued for a node that has since left the cluster map is
 dropped: the node will never need it.
+
+Counted in the proxy's L{ProxyMetrics}: each missed write sent looking for a
+holder (``shardkv_hints_queued_total``), each one a node took
+(``shardkv_hints_delivered_total``); what waits is read at scrape time.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from shardkv.cluster.view import MapView
 from shardkv.core.placement import Ring
 from shardkv.core.quorum import AnyWriteQuorum, Outcome, Reply
 from shardkv.core.records import Record
+from shardkv.metrics import ProxyMetrics
 from shardkv.proxy.health import HealthMonitor
 from shardkv.replica.client import ReplicaClient
 
@@ -33,13 +38,23 @@ class HintKeeper:
         replica_client: ReplicaClient,
         health: HealthMonitor,
         max_undelivered: int = DEFAULT_MAX_UNDELIVERED,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
-        """``view``: the map whose rings place keys (a bare L{Ring}: fixed placement)."""
+        """``view``: the map whose rings place keys (a bare L{Ring}: fixed placement).
+        ``metrics``: where hints are counted (default: a private registry)."""
+        self.metrics = metrics if metrics is not None else ProxyMetrics.private()
         self.view = view
         self.replica_client = replica_client
         self.health = health
         self.max_undelivered = max_undelivered
         self.undelivered: dict[tuple[str, str], Record] = {}
+
+    def waiting(self) -> dict[str, int]:
+        """Records queued here, by the node they wait for."""
+        counts: dict[str, int] = {}
+        for home, _ in self.undelivered:
+            counts[home] = counts.get(home, 0) + 1
+        return counts
 
     @property
     def ring(self) -> Ring:
@@ -50,6 +65,10 @@ class HintKeeper:
 
     def _epoch(self) -> int | None:
         return None if isinstance(self.view, Ring) else self.view.epoch
+
+    def _writes_to(self, node: str, key: str) -> bool:
+        """A node the key has moved away from needs no hint (L{ClusterMap.writes_to})."""
+        return isinstance(self.view, Ring) or self.view.current.writes_to(node, key)
 
     def _member(self, node: str) -> bool:
         return isinstance(self.view, Ring) or node in self.view.nodes()
@@ -69,6 +88,7 @@ class HintKeeper:
                 continue
             home = target.hint_for or target.node
             holders = [p for p in preference[n:] + preference[:n] if p not in (home, target.node)]
+            self.metrics.hints_queued.inc()
             Deferred.fromCoroutine(self._keep_for(home, key, record, holders))
 
     async def _keep_for(self, home: str, key: str, record: Record, holders: list[str]) -> None:
@@ -86,6 +106,7 @@ class HintKeeper:
             except Exception as e:
                 self.health.call_failed(holder, e)
                 continue
+            self.metrics.hints_delivered.inc()
             return
         self._queue(home, key, record)
 
@@ -107,7 +128,7 @@ class HintKeeper:
             if self.undelivered.get((home, key)) is not record:
                 continue
             del self.undelivered[(home, key)]
-            if not self._member(home):
+            if not self._member(home) or not self._writes_to(home, key):
                 continue
             ring = self.ring
             preference = ring.preference_list(key, len(ring.nodes))

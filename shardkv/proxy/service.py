@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 
 from shardkv.cluster.proposer import MapProposer
@@ -23,6 +24,7 @@ from shardkv.cluster.view import MapView
 from shardkv.core.placement import DEFAULT_VNODES
 from shardkv.core.quorum import QuorumSizes
 from shardkv.core.versions import VersionClock
+from shardkv.metrics import ProxyMetrics
 from shardkv.periodic import periodic
 from shardkv.proxy.allocator import AllocatorTuning
 from shardkv.proxy.app import ProxyApp
@@ -84,6 +86,7 @@ class ProxyParts:
     guard: Guard
     max_value_bytes: int
     rebalance_rate: int = 0
+    metrics: ProxyMetrics | None = None
 
 
 class ProxyService(MultiService):
@@ -107,7 +110,12 @@ def default_app(parts: ProxyParts) -> ProxyApp:
         status=rebalancer.status,
     )
     return ProxyApp(
-        parts.coordinator, parts.max_value_bytes, parts.guard, admin=admin, rebalancer=rebalancer
+        parts.coordinator,
+        parts.max_value_bytes,
+        parts.guard,
+        admin=admin,
+        rebalancer=rebalancer,
+        metrics=parts.metrics,
     )
 
 
@@ -154,6 +162,8 @@ def make_proxy_service(
     ``app_factory`` builds the Klein app from the parts (default: L{ProxyApp}).
     """
     service = ProxyService()
+    # This service's own registry: several services may share a process.
+    metrics = ProxyMetrics(CollectorRegistry())
     AllocatorTuning().setServiceParent(service)
     client = HTTPClientService(reactor, max_per_host=pool_size, token=token, ca_file=ca_file)
     client.setServiceParent(service)
@@ -166,6 +176,7 @@ def make_proxy_service(
         pipeline_depth,
         urls=NodeURLs(given, "https" if https else "http"),
         node_inflight_bytes=node_inflight_bytes,
+        metrics=metrics.replica,
     )
     sizes = QuorumSizes(replicas, r, w)
     vnodes = DEFAULT_VNODES if vnodes is None else vnodes
@@ -177,15 +188,19 @@ def make_proxy_service(
         view, proposer, replica_client, reactor, nodes, sizes, vnodes, interval=map_interval
     )
     health = HealthMonitor(
-        view.nodes(), sync.health_check(replica_client.health), reactor, health_interval
+        view.nodes(),
+        sync.health_check(replica_client.health),
+        reactor,
+        health_interval,
+        metrics=metrics,
     )
     view.subscribe(lambda m: health.follow(m.acceptors()))
     health.service().setServiceParent(service)
     versions = VersionClock(writer, lambda: int(reactor.seconds() * 1000) + clock_offset_ms)
-    hints = HintKeeper(view, replica_client, health)
+    hints = HintKeeper(view, replica_client, health, metrics=metrics)
     periodic(1.0, hints.retry, reactor).setServiceParent(service)
     sync.service().setServiceParent(service)
-    coordinator = Coordinator(view, replica_client, health, versions, hints)
+    coordinator = Coordinator(view, replica_client, health, versions, hints, metrics=metrics)
     guard = Guard(token, client_token)
     parts = ProxyParts(
         reactor,
@@ -199,11 +214,14 @@ def make_proxy_service(
         guard,
         max_value_bytes,
         rebalance_rate,
+        metrics,
     )
     app = app_factory(parts)
     service.parts, service.app = parts, app
-    if isinstance(app, ProxyApp) and app.rebalancer is not None:
-        app.rebalancer.service().setServiceParent(service)
+    rebalancer = app.rebalancer if isinstance(app, ProxyApp) else None
+    if rebalancer is not None:
+        rebalancer.service().setServiceParent(service)
+    _watch(metrics, parts, rebalancer)
     site = make_site(
         app.resource(),
         body_limit_for(max_value_bytes),
@@ -213,8 +231,29 @@ def make_proxy_service(
         max_connections=max_connections,
         max_inflight_bytes=max_inflight_bytes,
         descriptor_headroom=DESCRIPTOR_HEADROOM + pool_size * len(nodes),
+        metrics=metrics.http,
     )
     for description in listen:
         listener = listening_service(reactor, description, site, owner="proxy", echo=echo_errors)
         listener.setServiceParent(service)
     return service
+
+
+def _watch(metrics: ProxyMetrics, parts: ProxyParts, rebalancer: Rebalancer | None) -> None:
+    """The proxy's state as gauges, read from its parts whenever ``/metrics`` is scraped."""
+    health, hints, view = parts.health, parts.hints, parts.view
+
+    def up() -> list[tuple[str, bool]]:
+        return [(node, s.status == "up") for node, s in sorted(health.states.items())]
+
+    def waiting() -> list[tuple[str, int]]:
+        queued = hints.waiting()
+        nodes = sorted(set(health.states) | set(queued))
+        return [(node, health.hints_waiting(node) + queued.get(node, 0)) for node in nodes]
+
+    metrics.watch(
+        up=up,
+        hints_waiting=waiting,
+        epoch=lambda: view.epoch,
+        rebalance=None if rebalancer is None else rebalancer.status,
+    )

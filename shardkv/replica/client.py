@@ -34,6 +34,10 @@ whole).
 
 The map routes (``/replica/map``, prepare, accept, learn) and the move routes
 (``/replica/move``, plan, stream) are plain JSON calls with the same failures.
+
+Every replica read and write is counted in the client's L{ReplicaMetrics}
+(by node and outcome, with its latency, queueing included), and so is every
+batch its pipelines send.
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 
 from shardkv.core.records import Record
 from shardkv.core.versions import VersionError
@@ -60,6 +69,7 @@ from shardkv.errors import (
     ReplicaCallFailed,
     ReplicaRefused,
 )
+from shardkv.metrics import ReplicaMetrics, now
 from shardkv.replica import codec
 from shardkv.replica.pipeline import NodePipeline
 from shardkv.replica.protocol import (
@@ -90,6 +100,7 @@ _NOT_SENT = (
     neterror.ConnectError,
     neterror.DNSLookupError,
     neterror.NoRouteError,
+    RequestNotSent,
 )
 
 
@@ -144,9 +155,11 @@ class ReplicaClient:
         *,
         urls: Mapping[str, str] | None = None,
         node_inflight_bytes: int = DEFAULT_NODE_INFLIGHT_BYTES,
+        metrics: ReplicaMetrics | None = None,
     ) -> None:
         """``urls``: each node's base URL (``https://host:port``); a node not in it is
-        reached at ``http://{node}``.
+        reached at ``http://{node}``. ``metrics``: where calls and batches are counted
+        (default: a private registry).
         """
         self._http = http
         self._urls: Mapping[str, str] = {} if urls is None else urls
@@ -159,6 +172,15 @@ class ReplicaClient:
         self.node_inflight_bytes = node_inflight_bytes
         self.inflight_bytes: dict[str, int] = {}
         self.busy: dict[str, int] = {}
+        self.metrics = metrics if metrics is not None else ReplicaMetrics.private()
+        self.metrics.watch(self.queue_depths)
+
+    def queue_depths(self) -> list[tuple[str, str, int]]:
+        """(node, kind, operations waiting) for every pipeline kept: the queue gauge."""
+        depths: dict[tuple[str, str], int] = {}
+        for (node, kind, _), pipeline in self.pipelines.items():
+            depths[(node, kind)] = depths.get((node, kind), 0) + pipeline.queued
+        return [(node, kind, n) for (node, kind), n in sorted(depths.items())]
 
     def _pipeline(self, node: str, kind: str, epoch: int | None = None) -> NodePipeline | None:
         """The node's pipeline for reads or for writes planned at ``epoch``.
@@ -182,25 +204,29 @@ class ReplicaClient:
                 e = key[2]
                 if key[0] == node and key[1] == kind and e is not None:
                     if e > epoch:
-                        return self._new_pipeline(node, epoch)
+                        return self._new_pipeline(node, kind, epoch)
                     older.append(key)
-        pipeline = self._new_pipeline(node, epoch)
+        pipeline = self._new_pipeline(node, kind, epoch)
         for key in older:
-            retired = self.pipelines.pop(key)
-            # The counters carry on, so /cluster's totals do not restart.
-            pipeline.batches += retired.batches
-            pipeline.ops += retired.ops
+            del self.pipelines[key]
         self.pipelines[(node, kind, epoch)] = pipeline
         return pipeline
 
-    def _new_pipeline(self, node: str, epoch: int | None) -> NodePipeline:
+    def _new_pipeline(self, node: str, kind: str, epoch: int | None) -> NodePipeline:
         return NodePipeline(
             node,
             lambda n, ops: Deferred.fromCoroutine(self.send_batch(n, ops, epoch)),
             self._clock,
             self.timeout,
             self.pipeline_depth,
+            meter=self.metrics.meter(node, kind),
         )
+
+    def set_timeout(self, seconds: float) -> None:
+        """Wait ``seconds`` for a node from now on, in every pipeline too (a reload)."""
+        self.timeout = seconds
+        for pipeline in self.pipelines.values():
+            pipeline.set_timeout(seconds)
 
     def pipeline_stats(self, node: str) -> dict[str, dict[str, int]]:
         """Batches and operations sent so far to ``node``, and what is waiting;
@@ -209,10 +235,15 @@ class ReplicaClient:
         for (name, kind, _), pipeline in self.pipelines.items():
             if name != node:
                 continue
-            now = pipeline.stats()
-            if kind in stats:
-                now = {k: v + stats[kind].get(k, 0) for k, v in now.items()}
-            stats[kind] = now
+            meter = pipeline.meter
+            was = stats.get(kind, {"in_flight": 0, "queued": 0})
+            stats[kind] = {
+                "in_flight": was["in_flight"] + pipeline.in_flight,
+                "queued": was["queued"] + pipeline.queued,
+                # One meter per node and kind, shared by its pipelines of every epoch.
+                "batches": meter.batches,
+                "ops": meter.ops,
+            }
         stats = dict(sorted(stats.items()))
         if node in self.inflight_bytes:
             stats["bytes"] = {
@@ -277,14 +308,21 @@ class ReplicaClient:
     ) -> tuple[int, Any, bytes]:
         """One exchange with ``node`` within ``timeout`` seconds (default: the client's)."""
         seconds = self.timeout if timeout is None else timeout
-        url = f"{self._urls.get(node, f'http://{node}')}{path}".encode("ascii")
+        try:
+            url = f"{self._urls.get(node, f'http://{node}')}{path}".encode("ascii")
+        except UnicodeEncodeError:
+            raise NodeUnreachable(node, "the address is not ASCII", sent=False) from None
 
         async def exchange() -> tuple[int, Any, bytes]:
             # A node never redirects, and the body is read at once: skip
             # treq's redirect and buffering wrappers on this hot path.
-            response = await self._http.request(
-                method, url, allow_redirects=False, unbuffered=True, **kwargs
-            )
+            try:
+                requested = self._http.request(
+                    method, url, allow_redirects=False, unbuffered=True, **kwargs
+                )
+            except ValueError as e:  # a host no URL can name (IDNA), so nothing was sent
+                raise NodeUnreachable(node, f"not a usable address: {e}", sent=False) from None
+            response = await requested
             body = await treq.content(response)
             return response.code, response.headers, body
 
@@ -300,7 +338,12 @@ class ReplicaClient:
             return await d
         except _NOT_SENT as e:
             raise NodeUnreachable(node, str(e) or type(e).__name__, sent=False) from None
-        except (ResponseNeverReceived, ResponseFailed, neterror.ConnectionLost) as e:
+        except (
+            ResponseNeverReceived,
+            ResponseFailed,
+            RequestTransmissionFailed,
+            neterror.ConnectionLost,
+        ) as e:
             if timed_out:
                 raise NodeTimeout(node, seconds) from None
             if _cancelled(e):
@@ -341,11 +384,14 @@ class ReplicaClient:
         Not a coroutine: on the pipelined path this is the proxy's hottest
         call, and a plain Deferred chain skips a coroutine per replica.
         """
+        started = now()
         pipeline = self._pipeline(node, "read", epoch)
+        got: Deferred[Any]
         if pipeline is None:
-            return Deferred.fromCoroutine(self._replica_get_alone(node, key, epoch))
-        got: Deferred[Any] = pipeline.submit(codec.GetOp(key))
-        return got.addCallback(self._got, node, key, epoch)
+            got = Deferred.fromCoroutine(self._replica_get_alone(node, key, epoch))
+        else:
+            got = pipeline.submit(codec.GetOp(key)).addCallback(self._got, node, key, epoch)
+        return got.addBoth(self.metrics.node(node).got, started)
 
     def _got(self, result: codec.Result, node: str, key: str, epoch: int | None) -> Any:
         if result.status == 404:
@@ -389,10 +435,11 @@ class ReplicaClient:
         Fails at once with L{NodeBusy} (nothing sent) while ``node`` has too
         many record bytes in flight.
         """
+        started = now()
         size = write_cost(key, record)
         busy = self._admit(node, size)
         if busy is not None:
-            return fail(busy)
+            return fail(busy).addErrback(self.metrics.node(node).put, started)
         pipeline = self._pipeline(node, "write", epoch)
         put: Deferred[Any]
         if pipeline is None or not codec.fits(record):
@@ -401,7 +448,8 @@ class ReplicaClient:
             )
         else:
             put = pipeline.submit(codec.PutOp(key, record, hint_for)).addCallback(self._put, node)
-        return put.addBoth(self._release, node, size)
+        put.addBoth(self._release, node, size)
+        return put.addBoth(self.metrics.node(node).put, started)
 
     def _put(self, result: codec.Result, node: str) -> bool:
         if result.status != 200:

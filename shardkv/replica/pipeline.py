@@ -7,6 +7,10 @@ L{MAX_OPS}). So a lightly loaded proxy sends each operation at once, alone,
 and a busy one sends fewer, larger batches: the batch size follows the load
 with no timer and no added latency (the same idea as group commit).
 
+Each batch that leaves is counted in the pipeline's L{PipelineMeter}, which
+its replica client keeps per node and kind across epochs (so ``/cluster``'s
+totals and ``shardkv_pipeline_batches_total`` do not restart with a new map).
+
 Every operation has its own deadline, counted from when it was submitted,
 so time spent queued behind a slow batch counts too (one timer per pipeline
 keeps them all). An operation that is
@@ -24,6 +28,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from shardkv.errors import NodeBusy, NodeTimeout
+from shardkv.metrics import PipelineMeter
 from shardkv.replica.codec import MAX_OPS, Op, Result
 
 Send = Callable[[str, Sequence[Op]], Deferred[list[Result]]]
@@ -85,6 +90,7 @@ class NodePipeline:
         timeout: float,
         depth: int,
         max_queued: int = 10_000,
+        meter: PipelineMeter | None = None,
     ) -> None:
         self.node = node
         self._send = send
@@ -98,12 +104,19 @@ class NodePipeline:
         self._timer: IDelayedCall | None = None
         self._sweeping = False
         self.in_flight = 0
-        self.batches = 0
-        self.ops = 0
+        self.meter = meter if meter is not None else PipelineMeter(None)
 
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    def set_timeout(self, seconds: float) -> None:
+        """The timeout of operations submitted from now on (a reload changed it).
+
+        Deadlines are swept in submission order, so while operations from
+        before a shorter timeout are waiting, newer ones may expire up to the
+        old timeout late; no operation waits longer than the old timeout."""
+        self._timeout = seconds
 
     def submit(self, op: Op) -> Deferred[Result]:
         """The node's answer to ``op``, or a L{shardkv.errors.ReplicaCallFailed}."""
@@ -158,8 +171,7 @@ class NodePipeline:
             if not taken:
                 return
             self.in_flight += 1
-            self.batches += 1
-            self.ops += len(taken)
+            self.meter.batch(len(taken))
             batch = _Batch(taken)
             sent = self._send(self.node, [p.op for p in taken])
             batch.deferred = sent
@@ -179,6 +191,6 @@ class NodePipeline:
         return {
             "in_flight": self.in_flight,
             "queued": self.queued,
-            "batches": self.batches,
-            "ops": self.ops,
+            "batches": self.meter.batches,
+            "ops": self.meter.ops,
         }

@@ -46,6 +46,7 @@ from shardkv.core.clustermap import ClusterMap
 from shardkv.core.placement import DEFAULT_VNODES, Ring
 from shardkv.core.quorum import QuorumSizes
 from shardkv.core.versions import VersionClock
+from shardkv.metrics import ProxyMetrics
 from shardkv.node.app import NodeApp
 from shardkv.node.handoff import HintHandoff
 from shardkv.node.mapstore import MapStore
@@ -183,7 +184,10 @@ class MemoryProxy:
     ) -> None:
         self.clock = clock
         self.writer = writer
-        self.replica_client = ReplicaClient(network, clock, timeout, pipeline_depth)
+        self.metrics = metrics = ProxyMetrics.private()
+        self.replica_client = ReplicaClient(
+            network, clock, timeout, pipeline_depth, metrics=metrics.replica
+        )
         self.view = (
             MapView.of_ring(ring, sizes)
             if ring is not None
@@ -201,13 +205,16 @@ class MemoryProxy:
             self.view.current.vnodes,
         )
         self.health = HealthMonitor(
-            self.view.nodes(), self.sync.health_check(self.replica_client.health), clock
+            self.view.nodes(),
+            self.sync.health_check(self.replica_client.health),
+            clock,
+            metrics=metrics,
         )
         self.view.subscribe(lambda m: self.health.follow(m.acceptors()))
         versions = VersionClock(writer, lambda: int(clock.seconds() * 1000))
-        self.hints = HintKeeper(self.view, self.replica_client, self.health)
+        self.hints = HintKeeper(self.view, self.replica_client, self.health, metrics=metrics)
         self.coordinator = Coordinator(
-            self.view, self.replica_client, self.health, versions, self.hints
+            self.view, self.replica_client, self.health, versions, self.hints, metrics=metrics
         )
         self.rebalancer = Rebalancer(
             self.view, self.sync, self.proposer, self.replica_client, clock
@@ -226,6 +233,7 @@ class MemoryProxy:
             DEFAULT_MAX_VALUE_BYTES,
             admin=self.admin,
             rebalancer=self.rebalancer,
+            metrics=metrics,
         )
         self.proxy = StubTreq(self.proxy_app.resource())
         self.services: list[Service] = []
@@ -373,7 +381,8 @@ class MemoryCluster:
         peers = self._peers[node_id]
         if peers is None or node_id in self._node_services:
             return
-        handoff = HintHandoff(self.engines[node_id], peers)
+        mapstore = self.nodes[node_id].store.mapstore
+        handoff = HintHandoff(self.engines[node_id], peers, cluster_map=lambda: mapstore.learned)
         service = handoff.service(1.0, self.clock)
         service.startService()
         self._node_services[node_id] = [service]
@@ -382,7 +391,11 @@ class MemoryCluster:
         """Kill the node's process: connections to it are refused from now on, its
         timers and its mover stop, and whatever it had in flight is lost. Its engine
         (records, hints, map store, move progress) is kept, as LMDB keeps what it
-        committed: the memory engine commits each write before it answers."""
+        committed: the memory engine commits each write before it answers.
+
+        Requests that had already passed the network when it crashed are still
+        served (by the old app until the restart): as if they had landed just
+        before the crash."""
         app = self.nodes[node_id]
         self.crashed.add(node_id)
         self.network.down.add(node_id)
@@ -392,9 +405,7 @@ class MemoryCluster:
             app.mover.stop()
         peers = self._peers.get(node_id)
         if peers is not None:
-            peers.newer_map = None
-        # The dead process answers nothing more, even to requests already on their way.
-        self.dispatch.hosts.pop(node_id.encode(), None)
+            peers.newer_map = None  # answers still on their way must not install maps
 
     def restart(self, node_id: str) -> NodeApp:
         """Start a crashed node again over its data: a new L{NodeApp}, L{MapStore}

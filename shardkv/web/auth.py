@@ -12,9 +12,11 @@ open to the network:
   routes answer only loopback peers.
 
 The proxy's data API is open unless a client token (``--client-token-file``)
-is set. Its read-only views (``/cluster``, ``/explain``) are at least as
-protected as the data: the client token when there is one, otherwise the
-cluster token when there is one, otherwise open.
+is set. Its read-only views (``/cluster``, ``/explain``, ``/metrics``, the
+dashboard's ``/dashboard/ring.json``) are at least as protected as the data: the client
+token when there is one, otherwise the cluster token when there is one,
+otherwise open. The dashboard's page and assets hold no data and are open.
+A node's ``/metrics`` is a cluster route like every node route but ``/health``.
 
 L{GuardedResource} checks every request before the app sees it, by path, so a
 route added later is a cluster route unless its app's policy says otherwise.
@@ -146,7 +148,8 @@ def loopback_endpoint(description: str) -> bool:
 
 class Access(enum.Enum):
     OPEN = "open"
-    """Anyone: ``/health``."""
+    """Anyone: ``/health``, and the dashboard's page and assets, which hold no data
+    (a browser cannot send a token with a navigation; the page sends it when it reads)."""
     CLIENT = "client"
     """The data API: the client token if one is set, else anyone."""
     VIEW = "view"
@@ -169,11 +172,11 @@ _PROXY_DATA = (b"/set", b"/get", b"/delete")
 
 def proxy_policy(method: bytes, path: bytes) -> Access:
     """The proxy's data API is for clients, its views for readers; the rest is admin."""
-    if path == b"/health":
+    if path == b"/health" or path == b"/dashboard" or path.startswith(b"/dashboard/static/"):
         return Access.OPEN
     if path in _PROXY_DATA or path.startswith(b"/kv/"):
         return Access.CLIENT
-    if path in (b"/cluster", b"/explain"):
+    if path in (b"/cluster", b"/explain", b"/metrics", b"/dashboard/ring.json"):
         return Access.VIEW
     return Access.CLUSTER
 

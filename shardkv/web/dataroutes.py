@@ -287,9 +287,11 @@ def _value_fields(record: Record) -> dict[str, str]:
 
 
 class AnyPath(BaseConverter):
-    """The rest of the path, slashes (even leading ones) included."""
+    """The rest of the path, slashes (even leading ones) and newlines included:
+    ``.`` alone stops at a newline, so a key holding one (``/kv/a%0Ab``) would
+    be stored through ``/set`` but answer ``no_route`` here."""
 
-    regex = ".+"
+    regex = "[\\s\\S]+"
     part_isolating = False
 
 

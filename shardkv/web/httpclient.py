@@ -24,7 +24,12 @@ from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers
 
 AUTHORIZATION = b"Authorization"
@@ -75,6 +80,16 @@ def _with_authorization(headers: Any, value: bytes) -> Headers:
     return merged
 
 
+class QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's factory of one connection, without its log lines.
+
+    Twisted logs "Starting factory" and "Stopping factory" for every
+    connection a pool opens: about once a second for each down node, while
+    the health checks keep trying it."""
+
+    noisy = False
+
+
 class HTTPClientService(Service):
     """Owns a persistent connection pool and the treq client that uses it.
 
@@ -112,6 +127,7 @@ class HTTPClientService(Service):
 
     def startService(self) -> None:
         pool = HTTPConnectionPool(self._reactor, persistent=True)
+        pool._factory = QuietClientFactory
         pool.maxPersistentPerHost = self._max_per_host
         pool.cachedConnectionTimeout = self._idle_timeout  # type: ignore[assignment]
         self._pool = pool

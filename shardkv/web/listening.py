@@ -30,6 +30,8 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from shardkv.logs import TWISTD_LOGGER, twistd_observer
+
 log = Logger(namespace="shardkv")
 
 
@@ -55,7 +57,8 @@ def echo_needed(twistd_options: Mapping[str, Any] | None) -> bool:
     """Whether a refusal must be printed besides being logged, given twistd's options.
 
     Only C{twistd -n} with no C{--logfile} (or C{--logfile -}), no
-    C{--syslog} and no C{--logger} writes its log to the terminal.
+    C{--syslog} and no C{--logger} (other than L{shardkv.logs}', which writes
+    where twistd would) writes its log to the terminal.
     """
     if twistd_options is None:
         return True
@@ -63,7 +66,7 @@ def echo_needed(twistd_options: Mapping[str, Any] | None) -> bool:
         bool(twistd_options.get("nodaemon"))
         and twistd_options.get("logfile") in (None, "", "-")
         and not twistd_options.get("syslog")
-        and not twistd_options.get("logger")
+        and twistd_options.get("logger") in (None, TWISTD_LOGGER, twistd_observer)
     )
     return not to_stdout
 

@@ -17,6 +17,7 @@ The protocol-level answers themselves are L{shardkv.web.channel}'s.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -27,6 +28,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from shardkv.metrics import OTHER_ROUTE, HTTPMetrics
 from shardkv.web.channel import LINGER_SECONDS, FrontDoorChannel
 from shardkv.web.descriptors import DESCRIPTORS, DescriptorBudget
 from shardkv.web.errors import JSON, json_body
@@ -100,9 +102,13 @@ class LimitedRequest(Request):
 
     body_limit: BodyLimit = staticmethod(lambda method, path: 1 << 20)
     admission: Admission | None = None
+    route: str = OTHER_ROUTE
+    """The Klein rule that answered (set by L{shardkv.web.metricsroutes.RoutedKlein})."""
 
     def __init__(self, channel: HTTPChannel, queued: object = None) -> None:
         super().__init__(channel, parsePOSTFormSubmission=False)
+        self.received_at = 0.0
+        """When the request was whole (monotonic): its latency counts from here."""
         self._limit = 0
         self._received = 0
         self._admitted = 0
@@ -148,6 +154,7 @@ class LimitedRequest(Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if not self._refused:
+            self.received_at = time.monotonic()
             super().requestReceived(command, path, version)
 
     def process(self) -> None:
@@ -260,12 +267,15 @@ class QuietSite(Site):
 
     Twisted logs every request by default, which costs 15-27 % of a node's
     throughput on this stack; operators turn it on with ``--access-log``.
+    Every finished request is counted in ``metrics`` (L{HTTPMetrics}) if set,
+    at the same hook: by route, method and status, with its latency.
     ``channels`` holds the live connections; ``connection_limit`` is the cap
     in force (``max_connections``, or less if the open-file limit is lower).
     """
 
     protocol = FrontDoorChannel  # type: ignore[assignment]
     access_log = False
+    metrics: HTTPMetrics | None = None
 
     def __init__(
         self,
@@ -298,6 +308,12 @@ class QuietSite(Site):
         return self.admission.inflight
 
     def log(self, request: Any) -> None:
+        metrics = self.metrics
+        if metrics is not None:
+            started = getattr(request, "received_at", 0.0)
+            seconds = time.monotonic() - started if started else 0.0
+            route = getattr(request, "route", OTHER_ROUTE)
+            metrics.observe(route, request.method, request.code, seconds)
         if self.access_log:
             super().log(request)
 
@@ -347,8 +363,10 @@ def make_site(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_inflight_bytes: int = NODE_MAX_INFLIGHT_BYTES,
     descriptor_headroom: int = DESCRIPTOR_HEADROOM,
+    metrics: HTTPMetrics | None = None,
 ) -> QuietSite:
-    """A Site that limits bodies by route, connections, slow heads and bodies in flight."""
+    """A Site that limits bodies by route, connections, slow heads and bodies in flight,
+    and counts what it answered in ``metrics``."""
     admission = Admission(max_inflight_bytes)
     request_class = type(
         "Request",
@@ -365,5 +383,6 @@ def make_site(
         descriptor_headroom=descriptor_headroom,
     )
     site.access_log = access_log
+    site.metrics = metrics
     site.displayTracebacks = False
     return site

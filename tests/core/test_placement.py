@@ -450,6 +450,25 @@ def test_shares_and_vnode_counts() -> None:
         assert counts[node] / KEY_COUNT == pytest.approx(share, abs=0.005)
 
 
+def test_points_are_the_ring() -> None:
+    """
+    C{points()} lists every point clockwise, each with the owner of the
+    position it sits at, and the gaps in front of each node's points add up
+    to its share.
+    """
+    ring = Ring({"a:1": 1.0, "b:1": 2.0}, vnodes=200)
+    points = list(ring.points())
+    assert len(points) == sum(ring.vnode_counts().values())
+    assert [p for p, _ in points] == sorted({p for p, _ in points})
+    assert all(ring.owner_of_hash(p) == node for p, node in points)
+    gaps = Counter[str]()
+    previous = points[-1][0] - HASH_SPACE
+    for position, node in points:
+        gaps[node] += position - previous
+        previous = position
+    assert {n: g / HASH_SPACE for n, g in gaps.items()} == pytest.approx(ring.shares())
+
+
 @pytest.mark.parametrize(
     ("nodes", "vnodes", "error"),
     [

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from itertools import pairwise
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, FirstError, fail, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -280,6 +280,33 @@ class StreamTests(MoverCase):
         self.assertIsNone(self.stream()["last_error"])
         after = [keys for _, node, keys, _ in self.peers.calls if node == D][len(attempts)]
         self.assertEqual(after, first)
+        expected = expected_copies(self.engine, m, A)[D]
+        self.assertEqual({k for k, _ in self.peers.engine(D).scan("", 10**6)}, expected)
+
+    def test_a_stream_that_dies_of_an_unexpected_error_starts_again(self) -> None:
+        """
+        An error the stream does not expect (a bug, an exception type no one
+        mapped) is logged, shown as ``last_error``, and the stream starts again
+        from its saved progress a few seconds later, rather than leaving the
+        move waiting for a task that is gone.
+        """
+        fill(self.engine, 300)
+        m = joining()
+        real = self.peers.send_stream
+        failures = [RuntimeError("unexpected")]
+
+        def flaky(node: str, ops: Any, epoch: int | None) -> Any:
+            if failures:
+                return fail(failures.pop())
+            return real(node, ops, epoch)
+
+        self.peers.send_stream = flaky  # type: ignore[method-assign]
+        self.learn(m)
+        self.drive(lambda: self.stream()["last_error"] is not None, seconds=1.0)
+        self.assertIn("unexpected", self.stream()["last_error"])
+        self.assertEqual(len(self.flushLoggedErrors(FirstError)), 1)
+        self.drive(self.stream_done)
+        self.assertEqual(self.stream()["state"], "done")
         expected = expected_copies(self.engine, m, A)[D]
         self.assertEqual({k for k, _ in self.peers.engine(D).scan("", 10**6)}, expected)
 

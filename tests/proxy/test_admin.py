@@ -105,6 +105,17 @@ class RouteTests(AdminCase):
         self.assertEqual(reply.code, 200, reply.body)
         self.assertEqual(reply.json()["map"]["move"]["phase"], "handover")
 
+    def test_staged_plan(self) -> None:
+        """GET /admin/plan shows the staged plan as POST answered it, until commit takes it."""
+        reply = self.http.get("/admin/plan")
+        self.assertEqual((reply.code, reply.json()["error"]), (409, "no_plan"))
+        staged = self.http.request("POST", "/admin/plan", ADD).json()
+        reply = self.http.get("/admin/plan")
+        self.assertEqual(reply.code, 200, reply.body)
+        self.assertEqual(reply.json(), staged)
+        self.assertEqual(self.http.request("POST", "/admin/commit", b"").code, 200)
+        self.assertEqual(self.http.get("/admin/plan").code, 409)
+
     def test_idle(self) -> None:
         status = self.http.get("/admin/rebalance").json()
         self.assertEqual(status["state"], "idle")
@@ -121,7 +132,7 @@ class RouteTests(AdminCase):
             ("GET", f"/admin/plan/keys?from={NODES[0]}&to={NEW}", None, (409, "no_plan")),
             ("POST", "/admin/commit", b"", (409, "no_plan")),
             ("POST", "/admin/abort", b"", (409, "no_move")),
-            ("GET", "/admin/plan", None, (405, "method_not_allowed")),
+            ("DELETE", "/admin/plan", None, (405, "method_not_allowed")),
             ("POST", "/admin/map", b"", (405, "method_not_allowed")),
             ("GET", "/admin/nothing", None, (404, "no_route")),
         ]

@@ -863,6 +863,38 @@ class OverloadTests(ClusterCase):
 # -- read repair --------------------------------------------------------------
 
 
+class QuorumOutcomeTests(ClusterCase):
+    """Each client read and write is counted by how its quorum ended."""
+
+    def outcomes(self) -> dict[tuple[str, str], float]:
+        registry = self.cluster.coordinator.metrics.registry
+        counts: dict[tuple[str, str], float] = {}
+        for op in ("read", "write"):
+            for outcome in ("ok", "insufficient", "timeout", "overloaded"):
+                labels = {"op": op, "outcome": outcome}
+                value = registry.get_sample_value("shardkv_quorum_outcomes_total", labels)
+                if value:
+                    counts[(op, outcome)] = value
+        return counts
+
+    def test_ok_and_insufficient_are_counted(self) -> None:
+        """
+        A write and a read that got their quorums are ``ok``; with two of the
+        three home replicas down, a write is ``insufficient``. A missing key
+        is still an ``ok`` read: the quorum answered.
+        """
+        self.use(3)
+        self.assertEqual(self.now("PUT", kv("k"), b"v").code, 201)
+        self.assertEqual(self.now("GET", kv("k")).code, 200)
+        self.assertEqual(self.now("GET", kv("absent")).code, 404)
+        self.down(*home_replicas(self.cluster, "k")[:2])
+        self.assertEqual(self.now("PUT", kv("k"), b"v2").code, 503)
+        self.assertEqual(
+            self.outcomes(),
+            {("write", "ok"): 1, ("read", "ok"): 2, ("write", "insufficient"): 1},
+        )
+
+
 class ReadRepairTests(ClusterCase):
     def make_stale(self, how: str, key: str, node: str) -> None:
         """Leave C{node} behind the other home replicas of C{key}."""

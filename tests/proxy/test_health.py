@@ -86,6 +86,24 @@ class HealthMonitorTests(SynchronousTestCase):
         )
         self.assertFalse(self.health.is_down(node))
 
+    def test_each_change_of_status_is_counted(self) -> None:
+        """
+        C{shardkv_node_health_flips_total} counts changes, by the status changed
+        to; marking a node what it already is counts nothing.
+        """
+        node = NODES[0]
+        self.health.mark(node, up=False, error="refused")
+        self.health.mark(node, up=False, error="refused again")
+        self.health.mark(node, up=True)
+        registry = self.health.metrics.registry
+        flips = {
+            to: registry.get_sample_value(
+                "shardkv_node_health_flips_total", {"node": node, "to": to}
+            )
+            for to in ("down", "up")
+        }
+        self.assertEqual(flips, {"down": 1, "up": 1})
+
     def test_call_failed_marks_down_only_a_refused_or_broken_connection(self) -> None:
         """
         Only a connection that was refused or broke says a node is down. A

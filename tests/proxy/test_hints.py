@@ -127,6 +127,29 @@ class HintedHandoffTests(ClusterCase):
             check_health(self, self.cluster)
 
 
+class HintCountTests(ClusterCase):
+    """What the proxy counts of the hints it arranges."""
+
+    def test_a_missed_write_is_queued_and_delivered_to_a_holder(self) -> None:
+        """
+        One home replica refuses the write (after answering its version
+        read): the copy it missed is sought a holder (queued) and the
+        stand-in takes it (delivered). (A node known to be down is written
+        to a stand-in directly, in the write, and counts neither.)
+        """
+        self.use(5)
+        home = self.cluster.ring.preference_list("k", 3)
+        self.faults.refuse_writes.add(home[0])
+        self.assertEqual(self.now("PUT", kv("k"), b"v").code, 201)
+        registry = self.cluster.coordinator.metrics.registry
+        self.assertIs(registry, self.cluster.hints.metrics.registry)
+        counts = [
+            registry.get_sample_value(name)
+            for name in ("shardkv_hints_queued_total", "shardkv_hints_delivered_total")
+        ]
+        self.assertEqual(counts, [1, 1])
+
+
 class NotAppliedTests(OwnerCase):
     """A write answered "not_applied" leaves no hint behind."""
 

@@ -53,6 +53,7 @@ class OneCopyViewTests(SynchronousTestCase):
                 "provisional",
                 "phase",
                 "members",
+                "rebalance",
             ],
         )
         self.assertEqual(

@@ -24,7 +24,12 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -176,9 +181,10 @@ def test_a_hung_node_times_out_as_maybe_sent(call: str) -> None:
     [
         ResponseFailed([Failure(ConnectionLost())]),
         ResponseNeverReceived([Failure(ConnectionLost())]),
+        RequestTransmissionFailed([Failure(ConnectionLost())]),
         ConnectionLost(),
     ],
-    ids=["response failed", "response never received", "connection lost"],
+    ids=["response failed", "response never received", "transmission failed", "connection lost"],
 )
 @pytest.mark.parametrize("call", sorted(CALLS))
 def test_a_broken_connection_is_unreachable_and_maybe_sent(call: str, error: Exception) -> None:
@@ -190,6 +196,22 @@ def test_a_broken_connection_is_unreachable_and_maybe_sent(call: str, error: Exc
     got = error_of(CALLS[call](make_client(Broken(error), MemoryReactorClock(), call)))
     assert isinstance(got, NodeUnreachable), got
     assert (got.node, got.sent) == (NODE_ID, True)
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_a_request_the_pool_could_not_send_is_unreachable_and_not_sent(call: str) -> None:
+    got = error_of(CALLS[call](make_client(Broken(RequestNotSent()), MemoryReactorClock(), call)))
+    assert isinstance(got, NodeUnreachable), got
+    assert (got.node, got.sent) == (NODE_ID, False)
+
+
+@pytest.mark.parametrize("address", ["a..b:10000", "x" * 64 + ".example:1", "nödé:1"])
+def test_an_address_no_url_can_name_is_unreachable_and_not_sent(address: str) -> None:
+    """A host that is not a valid DNS name is refused before anything is sent, not a 500."""
+    client = ReplicaClient(StubTreq(Scripted()), MemoryReactorClock(), TIMEOUT)
+    got = error_of(Deferred.fromCoroutine(client.get_map(address)))
+    assert isinstance(got, NodeUnreachable), got
+    assert (got.node, got.sent) == (address, False)
 
 
 def test_a_caller_cancelling_gets_a_bare_cancellation() -> None:
@@ -698,3 +720,49 @@ class ClusterBatchingTests(SynchronousTestCase):
         replies = self.run_all([self.get("short"), self.get("long"), self.get("short")])
         self.assertEqual([r.code for r in replies], [200] * 3, [r.body[:200] for r in replies])
         self.assertEqual(replies[1].header("content-type"), ctype)
+
+
+# -- what the client counts ---------------------------------------------------------
+
+
+def test_calls_are_counted_by_node_op_and_outcome() -> None:
+    """Found, missing, refused and busy, each under its own outcome, with a latency each."""
+    found = StubTreq(Scripted(200, b"v", {**GOOD_VERSION, b"content-type": b"text/plain"}))
+    client = make_client(found, MemoryReactorClock(), "get")
+    outcome(client.replica_get(NODE_ID, "k"), found)
+    missing = StubTreq(Scripted(404, b'{"error": "not_found", "message": "no record"}'))
+    client2 = ReplicaClient(missing, MemoryReactorClock(), TIMEOUT, metrics=client.metrics)
+    outcome(client2.replica_get(NODE_ID, "k"), missing)
+    refused = StubTreq(Scripted(507, b'{"error": "storage_full", "message": "full"}'))
+    client3 = ReplicaClient(refused, MemoryReactorClock(), TIMEOUT, metrics=client.metrics)
+    error_of(client3.replica_put(NODE_ID, "k", Record(V1, b"v")), refused)
+    busy, _, _ = capped(1)
+    busy.replica_put(NODE_ID, "a", value_of(10))
+    error_of(busy.replica_put(NODE_ID, "b", value_of(10)))
+
+    def count(c: ReplicaClient, op: str, result: str) -> float | None:
+        labels = {"node": NODE_ID, "op": op, "outcome": result}
+        return c.metrics.registry.get_sample_value("shardkv_replica_operations_total", labels)
+
+    assert [count(client, "get", o) for o in ("ok", "not_found")] == [1, 1]
+    assert count(client, "put", "refused") == 1
+    assert count(busy, "put", "busy") == 1
+    seconds = client.metrics.registry.get_sample_value(
+        "shardkv_replica_operation_duration_seconds_count", {"node": NODE_ID, "op": "get"}
+    )
+    assert seconds == 2
+
+
+def test_batch_counts_carry_over_epochs_and_the_queue_is_a_gauge() -> None:
+    """A new epoch's pipeline keeps counting where the old one stopped; what waits is served."""
+    client, http, _ = capped(1 << 30, depth=1)
+    for n, epoch in enumerate((1, 2, 2)):
+        client.replica_put(NODE_ID, f"k{n}", value_of(1), epoch=epoch)
+    stats = client.pipeline_stats(NODE_ID)["write"]
+    assert (stats["batches"], stats["ops"], stats["queued"]) == (2, 2, 1)
+    assert len(http.sent) == 2
+    registry = client.metrics.registry
+    labels = {"node": NODE_ID, "kind": "write"}
+    assert registry.get_sample_value("shardkv_pipeline_batches_total", labels) == 2
+    assert registry.get_sample_value("shardkv_pipeline_queue_depth", labels) == 1
+    assert registry.get_sample_value("shardkv_pipeline_batch_operations_count", labels) == 2

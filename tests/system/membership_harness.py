@@ -39,6 +39,7 @@ synchronise: waits poll with a deadline.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
@@ -56,8 +57,16 @@ from shardkv.core.clustermap import ring_for
 from shardkv.core.placement import DEFAULT_VNODES, Ring
 from shardkv.core.records import CorruptRecord, Record, decode, encode
 from shardkv.core.versions import Version
+from shardkv.node.mover import cleanup_meta, stream_meta
 from shardkv.storage.lmdb.datadir import MAX_DBS, open_database
-from shardkv.storage.lmdb.layout import RECORDS_DB, db_key, pack_stored, unpack_stored
+from shardkv.storage.lmdb.layout import (
+    META_DB,
+    RECORDS_DB,
+    db_key,
+    meta_key,
+    pack_stored,
+    unpack_stored,
+)
 from shardkv.testing.history import History, Op, Violation
 from shardkv.testing.polling import HOST, free_port, poll_until
 from shardkv.testing.processes import Proc, ProcessSet
@@ -257,6 +266,31 @@ def scan_node(data_dir: Path) -> dict[str, Copy]:
     return out
 
 
+def move_progress(data_dir: Path, epoch: int) -> dict[str, dict[str, Any] | None]:
+    """The stream and cleanup progress a node persisted for ``epoch`` (None: none),
+    read from its LMDB metadata while it runs.
+
+    A node persists its stream's counters with its cursor after each
+    acknowledged round, and ``done`` at the end, so this is exact where
+    ``GET /replica/move`` is not: that route reports the node's *learned*
+    epoch only, and a node may learn the next epoch before a poll sees its
+    last count.
+    """
+    env = lmdb.open(
+        str(data_dir), readonly=True, max_dbs=MAX_DBS, subdir=True, lock=True, create=False
+    )
+    try:
+        meta = env.open_db(META_DB.encode(), create=False)
+        with env.begin(db=meta) as txn:
+            found = {
+                part: txn.get(meta_key(name))
+                for part, name in (("stream", stream_meta(epoch)), ("cleanup", cleanup_meta(epoch)))
+            }
+    finally:
+        env.close()
+    return {part: None if raw is None else json.loads(bytes(raw)) for part, raw in found.items()}
+
+
 def scan_nodes(dirs: Mapping[str, Path]) -> dict[str, dict[str, Copy]]:
     """node id -> key -> copy, for every node (in parallel: LMDB reads release the GIL
     only partly, but decoding is the cost, so this is about one core's worth)."""
@@ -383,11 +417,31 @@ def wait_proxies_on(cluster: Cluster, epoch: int, deadline: float = EPOCH_DEADLI
     return time.monotonic() - started
 
 
-def wait_idle(proxy: Proc, after_epoch: int, deadline: float) -> dict[str, Any]:
-    """Until ``GET /admin/rebalance`` says idle at an epoch past ``after_epoch``."""
+class MoveStalled(Exception):
+    """A move made no progress for too long (not an AssertionError, so that
+    L{poll_until} stops at once instead of waiting out its deadline)."""
+
+
+def wait_idle(
+    proxy: Proc, after_epoch: int, deadline: float, stall: float = 30.0
+) -> dict[str, Any]:
+    """Until ``GET /admin/rebalance`` says idle at an epoch past ``after_epoch``.
+
+    Raises L{MoveStalled} with the last status if neither the epoch, the
+    state nor ``keys_moved`` changed for ``stall`` seconds: a stuck stream
+    then fails in seconds, naming the node and its last error, rather than
+    at the deadline.
+    """
+    last: list[Any] = [None, time.monotonic()]
 
     def check() -> dict[str, Any] | None:
         status = rebalance(proxy)
+        seen = (status["epoch"], status["state"], status["keys_moved"])
+        now = time.monotonic()
+        if seen != last[0]:
+            last[:] = [seen, now]
+        elif now - last[1] > stall:
+            raise MoveStalled(f"no progress for {stall:g} s on {proxy.name}: {status}")
         idle = status["state"] == "idle" and status["epoch"] > after_epoch
         assert idle, f"state {status['state']} at epoch {status['epoch']}: {status}"
         return status
@@ -491,6 +545,17 @@ class MoveWatch:
     def samples(self, epoch: int | None = None) -> list[NodeSample]:
         with self._lock:
             return [s for s in self.node_samples if epoch is None or s.epoch == epoch]
+
+    def resent(self, epoch: int) -> dict[str, int]:
+        """Keys each node counted, lost from its count in a crash and sent again, at
+        ``epoch``: the sum of every drop of its ``keys_moved`` between two polls."""
+        again: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for s in self.samples(epoch):
+            if s.keys_moved < last.get(s.node, 0):
+                again[s.node] = again.get(s.node, 0) + last[s.node] - s.keys_moved
+            last[s.node] = s.keys_moved
+        return again
 
     def moved(self, epoch: int) -> dict[str, int]:
         """Keys each node sent as primary source at ``epoch``, re-sends included.

@@ -57,6 +57,7 @@ from tests.system.membership_harness import (
     changed_keys,
     check_fresh_reads,
     check_placement,
+    move_progress,
     moved_copies,
     newest,
     node_map,
@@ -80,9 +81,9 @@ LOAD_KEYS = 400
 operations land on ranges that are being copied."""
 WRITE_RATE = 100.0
 READ_RATE = 100.0
-CLIENTS = 24
-"""Client threads (each sends one request at a time): enough for 200 ops/s when
-operations take 100 ms at the 99th percentile."""
+CLIENTS = 48
+"""Client threads (each sends one request at a time, paced): enough for 200 ops/s
+while operations take up to 240 ms on average, as they do on a busy 2-core box."""
 FAIL_BUDGET = 0.005
 MOVE_SLACK = 1.1
 IDLE_DEADLINE = 120.0
@@ -226,7 +227,10 @@ def failure_ratio(move: Move) -> tuple[float, int, int]:
     ops = [(op, note) for op, note in move.recorder.snapshot() if op.client != "preload"]
 
     def excused(op: Any, note: Note) -> bool:
-        return any(note.url == o.url and o.killed - 5.0 <= op.start <= o.back for o in move.outages)
+        # In flight when it was killed, or sent while nothing listened.
+        return any(
+            note.url == o.url and op.end >= o.killed and op.start <= o.back for o in move.outages
+        )
 
     counted = [(op, note) for op, note in ops if not excused(op, note)]
     failed = sum(1 for op, _ in counted if op.status != "ok")
@@ -265,8 +269,12 @@ def check_move(move: Move, tmp_path: Path, title: str) -> None:
     plan_pairs = {(p["from"], p["to"]): p["keys"] for p in move.plan.get("pairs", [])}
     ideal = float(move.plan.get("ideal_fraction", 0.0))
     keys_total = int(move.plan.get("keys_total", 0))
-    streamed = sum(move.watch.moved(move.commit_epoch).values())
-    streamed_bytes = sum(move.watch.bytes_moved(move.commit_epoch).values())
+    copying, cleanup = move.commit_epoch, move.commit_epoch + 2
+    streams = {n: move_progress(d, copying)["stream"] for n, d in cluster.dirs.items()}
+    cleanups = {n: move_progress(d, cleanup)["cleanup"] for n, d in cluster.dirs.items()}
+    resent = sum(move.watch.resent(copying).values())
+    streamed = resent + sum(int((p or {}).get("keys_moved", 0)) for p in streams.values())
+    streamed_bytes = sum(int((p or {}).get("bytes_moved", 0)) for p in streams.values())
     sources = sorted(before)
     copy_done = move.watch.copy_done_at(move.commit_epoch, sources)
     copy_s = (copy_done - move.times["committed"]) if copy_done else float("nan")
@@ -283,7 +291,7 @@ def check_move(move: Move, tmp_path: Path, title: str) -> None:
         f"op p99 {percentile(lat, 0.99) * 1000:.0f} ms",
         f"plan {move.plan.get('keys_moving')} copies (exact {exact_total}), "
         f"fraction {move.plan.get('fraction', 0):.4f} vs ideal {ideal:.4f}",
-        f"streamed {streamed} keys, {streamed_bytes / 1e6:.1f} MB",
+        f"streamed {streamed} keys ({resent} again after a crash), {streamed_bytes / 1e6:.1f} MB",
         f"copy {copy_s:.1f} s ({streamed / copy_s if copy_s == copy_s else 0:.0f} keys/s)",
         f"commit->idle {move.times['idle'] - move.times['committed']:.1f} s",
         f"epochs {move.commit_epoch}->{move.final['epoch']}",
@@ -315,6 +323,15 @@ def check_move(move: Move, tmp_path: Path, title: str) -> None:
     assert move.plan["fraction"] <= MOVE_SLACK * ideal, move.plan
     assert streamed <= MOVE_SLACK * ideal * keys_total, (streamed, ideal, keys_total)
     assert streamed >= exact_total, f"the streams report {streamed} of {exact_total} copies"
+    not_done = {
+        n: p for n, p in streams.items() if n in before and (p or {}).get("state") != "done"
+    }
+    assert not not_done, f"streams not done at epoch {copying}: {not_done}"
+    members = set(before) | set(move.after)
+    unclean = {
+        n: p for n, p in cleanups.items() if n in members and (p or {}).get("state") != "done"
+    }
+    assert not unclean, f"cleanups not done at epoch {cleanup}: {unclean}"
     for proxy in cluster.proxies:
         m = send("GET", proxy.url + "/admin/map").json()
         assert (m["epoch"], m["move"]) == (move.final["epoch"], None), (proxy.name, m)

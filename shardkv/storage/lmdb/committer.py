@@ -34,6 +34,10 @@ share one thread and one commit.
 
 Failpoints (L{shardkv.storage.failpoints}) let fault tests reach the paths
 above without a broken disk.
+
+Each committed group's size and commit time, and each explicit sync's time,
+go to the node's L{StorageMetrics} (histograms: safe to observe from this
+thread); the counts stay in L{CommitStats}, read at scrape time.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 
 from shardkv.errors import StorageError, StorageFailed, StorageFull
+from shardkv.metrics import StorageMetrics
 from shardkv.storage.durability import check_durability
 from shardkv.storage.failpoints import Failpoints, injected_error, maybe_exit
 from shardkv.storage.lmdb.capacity import disk_full_reason, next_map_size, resize_from_thread
@@ -98,8 +103,10 @@ class GroupCommitter:
         bump_db: str | None = None,
         free_bytes: Callable[[], int] | None = None,
         name: str = "shardkv-commit",
+        metrics: StorageMetrics | None = None,
     ) -> None:
         self._env = env
+        self._metrics = metrics
         self._dbs = dict(dbs)
         self._reactor = reactor
         self.max_map_size = max_map_size
@@ -303,7 +310,11 @@ class GroupCommitter:
                 txn.abort()
             raise
         maybe_exit(fp, "storage.after_commit")
-        ms = (time.monotonic() - started) * 1000.0
+        seconds = time.monotonic() - started
+        ms = seconds * 1000.0
+        if self._metrics is not None:
+            self._metrics.commit_seconds.observe(seconds)
+            self._metrics.group_operations.observe(len(ops))
         st = self.stats
         st.commits += 1
         st.committed_ops += len(ops)
@@ -365,7 +376,10 @@ class GroupCommitter:
             action = self.failpoints.take("storage.sync")
             if action is not None:
                 raise injected_error(action, "storage.sync")
+            started = time.monotonic()
             self._env.sync(True)
+            if self._metrics is not None:
+                self._metrics.fsync_seconds.observe(time.monotonic() - started)
         except Exception as e:
             since = datetime.fromtimestamp(self.stats.last_sync_wall, UTC)
             self._fail_stop(

@@ -41,6 +41,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 
 from shardkv.core.records import CorruptRecord, Record, decode, encode
 from shardkv.errors import InvalidHintTarget, StorageError
+from shardkv.metrics import StorageMetrics
 from shardkv.storage.durability import check_durability
 from shardkv.storage.engine import EngineHealth
 from shardkv.storage.failpoints import Failpoints
@@ -122,6 +123,11 @@ class LMDBEngine:
         self._hints: lmdb._Database | None = None
         self._meta: lmdb._Database | None = None
         self._hint_counts: dict[str, int] = {}
+        self._metrics: StorageMetrics | None = None
+
+    def instrument(self, metrics: StorageMetrics) -> None:
+        """Observe commits and syncs into ``metrics`` from the next L{start} on."""
+        self._metrics = metrics
 
     # lifecycle
 
@@ -163,6 +169,7 @@ class LMDBEngine:
             bump_db=META_DB,
             free_bytes=partial(free_bytes, self.path),
             name=f"shardkv-commit:{os.path.basename(self.path)}",
+            metrics=self._metrics,
         )
         self._committer.start()
 
@@ -411,6 +418,12 @@ class LMDBEngine:
             "map_grows": st.map_grows,
         }
 
+    def _free_bytes(self) -> int | None:
+        try:
+            return free_bytes(self.path)
+        except OSError:
+            return None
+
     def health(self) -> EngineHealth:
         details: dict[str, object] = {
             "engine": self.name,
@@ -427,6 +440,7 @@ class LMDBEngine:
         details.update(
             map_size=info["map_size"],
             used_bytes=(info["last_pgno"] + 1) * stat["psize"],
+            free_bytes=self._free_bytes(),
             entries=stat["entries"],
             queue_depth=committer.queue_depth,
             pending_keys=len(self._pending),

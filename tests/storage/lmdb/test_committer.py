@@ -15,6 +15,7 @@ from twisted.internet.defer import gatherResults
 import shardkv.storage.lmdb.engine as lmdb_engine
 from shardkv.core.records import Record
 from shardkv.errors import StorageFailed, StorageFull
+from shardkv.metrics import NodeMetrics
 from shardkv.storage.failpoints import Failpoints
 from shardkv.storage.lmdb.committer import GroupCommitter
 from shardkv.storage.lmdb.engine import LMDBEngine
@@ -35,6 +36,28 @@ async def test_group_commit_batches_writes(tmp_path: Path, make_lmdb: MakeLMDB) 
     assert stats["committed_writes"] == 500
     assert stats["commits"] <= 50, stats
     assert engine.health().details["entries"] == 500
+
+
+@pytest_twisted.ensureDeferred
+async def test_commits_and_syncs_are_observed(tmp_path: Path, make_lmdb: MakeLMDB) -> None:
+    """An instrumented engine reports each group's size and commit time, and each
+    explicit sync (durability ``batch``) to its node's storage metrics."""
+    engine = make_lmdb(tmp_path, start=False, durability="batch", batch_interval=0.01)
+    metrics = NodeMetrics.private()
+    engine.instrument(metrics.storage)
+    engine.start()
+    await gatherResults([engine.put(f"k{i}", rec(1)) for i in range(50)])
+    await engine.stop()
+
+    def value(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name)
+
+    assert value("shardkv_storage_group_operations_sum") == 50
+    assert value("shardkv_storage_commit_seconds_count") == value(
+        "shardkv_storage_group_operations_count"
+    )
+    assert (value("shardkv_storage_commit_seconds_count") or 0) >= 1
+    assert (value("shardkv_storage_fsync_seconds_count") or 0) >= 1
 
 
 @pytest_twisted.ensureDeferred
