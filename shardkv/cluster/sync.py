@@ -182,10 +182,10 @@ class MapSync:
         for node, (ok, answer) in zip(asked, results, strict=True):
             if ok and isinstance(answer, dict):
                 answers[node] = answer
-        for answer in sorted(answers.values(), key=_learned_epoch, reverse=True):
-            learned = answer.get("learned")
-            if learned is not None and self.view.install_json(learned):
-                break
+        newest = max(answers.values(), key=_learned_epoch, default=None)
+        if newest is not None and newest.get("learned") is not None:
+            self.view.receive_json(newest["learned"])
+            await self.view.settled()
         if not self.bootstrapped and not self.view.provisional:
             self._warn_if_seeds_differ(self.view.current)
         await self._push_behind(answers)

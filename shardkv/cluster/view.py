@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from shardkv.core.clustermap import ClusterMap, Member, MemberState, ring_for
 from shardkv.core.placement import DEFAULT_VNODES, Ring
@@ -26,6 +28,10 @@ from shardkv.core.quorum import QuorumSizes
 from shardkv.errors import InvalidMap
 
 log = Logger(namespace="shardkv.cluster.view")
+
+RingKey = tuple[tuple[tuple[str, float], ...], int]
+Builder = Callable[[Callable[[], Any]], "Deferred[Any]"]
+"""Runs a function off the reactor and fires with its result."""
 
 PROVISIONAL_CLUSTER_ID = "provisional"
 """The cluster id of a provisional map; no real map has it (they are hex)."""
@@ -70,12 +76,20 @@ def provisional_map(
 class MapView:
     """The newest map this proxy knows, with its subscribers."""
 
-    def __init__(self, initial: ClusterMap, rings: Iterable[Ring] = ()) -> None:
+    def __init__(
+        self, initial: ClusterMap, rings: Iterable[Ring] = (), build: Builder | None = None
+    ) -> None:
         """``rings``: rings already built (a test's shared ring) to use instead of
-        building equal ones again."""
-        self._built: dict[tuple[tuple[tuple[str, float], ...], int], Ring] = {
+        building equal ones again. ``build(f)`` runs ``f`` off the reactor (the
+        proxy passes a thread pool's), so that a map that arrives while requests
+        are served has its rings built without stalling them (see L{receive});
+        without it rings are built inline."""
+        self._built: dict[RingKey, Ring] = {
             _ring_key(_weights_of(ring), ring.vnodes): ring for ring in rings
         }
+        self._warm: dict[RingKey, Ring] = {}
+        self._build = build
+        self._arriving: tuple[int, Deferred[None]] | None = None
         self._subscribers: list[Callable[[ClusterMap], None]] = []
         self.current = initial
         self._placement = self._place(initial)
@@ -87,13 +101,14 @@ class MapView:
         sizes: QuorumSizes,
         vnodes: int = DEFAULT_VNODES,
         ring: Ring | None = None,
+        build: Builder | None = None,
     ) -> MapView:
         """A provisional view of ``nodes`` (the ``--nodes`` seeds)."""
         weights = dict(nodes) if isinstance(nodes, Mapping) else dict.fromkeys(nodes, 1.0)
         if ring is not None:
             vnodes = ring.vnodes
         initial = provisional_map(weights, sizes.n, sizes.r, sizes.w, vnodes)
-        return cls(initial, () if ring is None else (ring,))
+        return cls(initial, () if ring is None else (ring,), build)
 
     @classmethod
     def of_ring(cls, ring: Ring, sizes: QuorumSizes) -> MapView:
@@ -173,12 +188,57 @@ class MapView:
 
     def install_json(self, data: object) -> bool:
         """L{install} a map as the wire carries it; a malformed one is logged and ignored."""
-        try:
-            m = ClusterMap.from_json(data)
-        except InvalidMap as e:
-            log.warn("ignoring a malformed cluster map: {why}", why=e.message)
-            return False
-        return self.install(m)
+        m = _parsed(data)
+        return m is not None and self.install(m)
+
+    def receive(self, m: ClusterMap) -> None:
+        """L{install} ``m`` once its rings are built, off the reactor when they are new.
+
+        A new ring of 32768 points per node takes tens of milliseconds to
+        build; inline, every request in flight would wait that long at the
+        start of a move. L{settled} says when the newest map received is in.
+        """
+        if m.epoch <= self.current.epoch:
+            return
+        if self._arriving is not None and self._arriving[0] >= m.epoch:
+            return
+        wanted = {_ring_key(w, m.vnodes): w for w in (m.read_weights(), *m.write_weight_sets())}
+        missing = {k: w for k, w in wanted.items() if k not in self._built and k not in self._warm}
+        if self._build is None or not missing:
+            self.install(m)
+            return
+        arriving: Deferred[None] = Deferred()
+        self._arriving = (m.epoch, arriving)
+
+        def build() -> dict[RingKey, Ring]:
+            return {k: ring_for(w, m.vnodes) for k, w in missing.items()}
+
+        def built(rings: dict[RingKey, Ring]) -> None:
+            self._warm = {**self._warm, **rings}
+
+        def done(result: object) -> None:
+            if isinstance(result, Failure):
+                log.failure("building the rings of epoch {epoch}", result, epoch=m.epoch)
+            self.install(m)
+            if self._arriving is not None and self._arriving[1] is arriving:
+                self._arriving = None
+            arriving.callback(None)
+
+        self._build(build).addCallback(built).addBoth(done)
+
+    def receive_json(self, data: object) -> None:
+        """L{receive} a map as the wire carries it (a node's stale-epoch answer)."""
+        m = _parsed(data)
+        if m is not None:
+            self.receive(m)
+
+    def settled(self) -> Deferred[None]:
+        """Fires once the newest map received (L{receive}) is installed."""
+        if self._arriving is None:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._arriving[1].addBoth(lambda _: waiting.callback(None))
+        return waiting
 
     def _place(self, m: ClusterMap) -> Placement:
         read = m.read_weights()
@@ -194,19 +254,25 @@ class MapView:
 
     def _ring(
         self,
-        key: tuple[tuple[tuple[str, float], ...], int],
+        key: RingKey,
         weights: Mapping[str, float],
         vnodes: int,
     ) -> Ring:
-        ring = self._built.get(key)
+        ring = self._built.get(key) or self._warm.pop(key, None)
         return ring if ring is not None else ring_for(weights, vnodes)
+
+
+def _parsed(data: object) -> ClusterMap | None:
+    try:
+        return ClusterMap.from_json(data)
+    except InvalidMap as e:
+        log.warn("ignoring a malformed cluster map: {why}", why=e.message)
+        return None
 
 
 def _weights_of(ring: Ring) -> dict[str, float]:
     return {node: ring.weight(node) for node in ring.nodes}
 
 
-def _ring_key(
-    weights: Mapping[str, float], vnodes: int
-) -> tuple[tuple[tuple[str, float], ...], int]:
+def _ring_key(weights: Mapping[str, float], vnodes: int) -> RingKey:
     return tuple(sorted((k, float(v)) for k, v in weights.items())), vnodes

@@ -44,6 +44,7 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import repeat
 
 HASH_SPACE: int = 2**64
@@ -65,10 +66,16 @@ def hash_key(key: str | bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-def _points(node: str, count: int) -> list[int]:
-    """The first C{count} points of C{node}, sorted; the same in every process."""
+@lru_cache(maxsize=64)
+def _points(node: str, count: int) -> array[int]:
+    """The first C{count} points of C{node}, sorted; the same in every process.
+
+    Cached (a quarter of a megabyte per node at the default C{vnodes}): a
+    membership change builds rings that share most nodes with the current
+    one, and these points are over half the cost of building a ring.
+    """
     stream = hashlib.shake_128(_POINT_DOMAIN + node.encode("utf-8")).digest(8 * count)
-    return sorted(struct.unpack(f">{count}Q", stream))
+    return array("Q", sorted(struct.unpack(f">{count}Q", stream)))
 
 
 @dataclass(frozen=True, slots=True)

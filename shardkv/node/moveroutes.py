@@ -108,7 +108,8 @@ def install_move_routes(app: Klein) -> None:
             request.setHeader(b"content-type", b"application/json")
             return codec.encode_response(batch_results(outcomes))
 
-        return self.store.run_batch(ops).addCallback(answer)
+        puts = [op for op in ops if isinstance(op, codec.PutOp)]
+        return self.store.store_many(puts).addCallback(answer)
 
 
 def _mover(service: MoveService) -> Mover:

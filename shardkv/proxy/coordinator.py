@@ -172,9 +172,11 @@ class Coordinator:
             try:
                 result = await run(placement)
             except QuorumUnavailable as e:
-                if self.view.epoch == placement.epoch:
-                    raise
                 if write and e.details.get("outcome") != "not_applied":
+                    raise
+                if self.view.epoch == placement.epoch:
+                    await self.view.settled()  # a newer map may be on its way in
+                if self.view.epoch == placement.epoch:
                     raise
                 retry = True
             if retry:
@@ -337,6 +339,8 @@ class Coordinator:
         try:
             await self._replicate_at(key, record, n, w, sloppy, p, stale)
         except QuorumUnavailable as first:
+            if stale and self.view.epoch == p.epoch:
+                await self.view.settled()
             now = self.view.placement
             if not stale or now.epoch == p.epoch:
                 raise

@@ -17,6 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
+from twisted.internet.threads import deferToThreadPool
 
 from shardkv.cluster.proposer import MapProposer
 from shardkv.cluster.sync import MapSync
@@ -180,8 +181,13 @@ def make_proxy_service(
     )
     sizes = QuorumSizes(replicas, r, w)
     vnodes = DEFAULT_VNODES if vnodes is None else vnodes
-    view = MapView.from_nodes(nodes, sizes, vnodes)
-    replica_client.newer_map = view.install_json
+    view = MapView.from_nodes(
+        nodes,
+        sizes,
+        vnodes,
+        build=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
+    )
+    replica_client.newer_map = view.receive_json
     writer = f"{writer_id or 'proxy'}.{secrets.token_hex(3)}"
     proposer = MapProposer(replica_client, writer, reactor, random.Random())
     sync = MapSync(

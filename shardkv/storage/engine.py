@@ -13,7 +13,7 @@ apply writes in any order, any number of times, and still converge.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,6 +52,12 @@ class StorageEngine(Protocol):
 
         Fires with True if stored, False if the stored version was newer or
         equal, once durable; fails with L{shardkv.errors.StorageError} otherwise.
+        """
+
+    def put_many(self, items: Sequence[tuple[str, Record]]) -> Deferred[list[bool]]:
+        """L{put} for each item, in one write (a move's stream): one result per item.
+
+        Fails whole with L{shardkv.errors.StorageError} when the write fails.
         """
 
     def scan(self, start: str = "", limit: int = 1000) -> Iterator[tuple[str, Record]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -29,13 +29,19 @@ class MemoryEngine:
     latest = get
 
     def put(self, key: str, record: Record) -> Deferred[bool]:
+        return succeed(self._put_now(key, record))
+
+    def put_many(self, items: Sequence[tuple[str, Record]]) -> Deferred[list[bool]]:
+        return succeed([self._put_now(key, record) for key, record in items])
+
+    def _put_now(self, key: str, record: Record) -> bool:
         current = self._records.get(key)
         if current is not None and current.version >= record.version:
-            return succeed(False)
+            return False
         if current is None:
             insort(self._order, key)
         self._records[key] = record
-        return succeed(True)
+        return True
 
     def scan(self, start: str = "", limit: int = 1000) -> Iterator[tuple[str, Record]]:
         first = bisect_left(self._order, start)

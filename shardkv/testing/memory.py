@@ -193,7 +193,7 @@ class MemoryProxy:
             if ring is not None
             else MapView.from_nodes(seeds, sizes, vnodes)
         )
-        self.replica_client.newer_map = self.view.install_json
+        self.replica_client.newer_map = self.view.receive_json
         self.proposer = MapProposer(self.replica_client, writer, clock, random.Random(seed))
         self.sync = MapSync(
             self.view,

@@ -58,6 +58,38 @@ def test_a_provisional_view_takes_any_real_map_then_only_newer_ones_of_its_clust
     assert not view.install_json({"not": "a map"})
 
 
+def test_a_received_map_with_new_rings_is_installed_once_they_are_built_elsewhere() -> None:
+    """
+    A map whose rings the view has not built waits for the builder (a thread
+    in a proxy), so requests keep the old placement meanwhile instead of
+    stalling behind a ring build; L{MapView.settled} fires once it is in. A
+    map with rings already built goes in at once.
+    """
+    builds: list[tuple[Any, Deferred[Any]]] = []
+
+    def build(f: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        builds.append((f, d))
+        return d
+
+    ring = shared_ring(tuple(NODES_3))
+    view = MapView.from_nodes(NODES_3, SIZES, ring.vnodes, ring, build=build)
+    same = bootstrap("a" * 16, dict.fromkeys(NODES_3, 1.0), 3, 2, 2, ring.vnodes)
+    view.receive(same)
+    assert view.epoch == 1 and builds == []
+    grown = stage(same, add=[(NEW_NODE, 1.0)])
+    view.receive(grown)
+    waiting = view.settled()
+    assert view.epoch == 1 and len(builds) == 1 and not waiting.called
+    view.receive(grown)
+    assert len(builds) == 1, "a map already arriving is not built twice"
+    f, d = builds[0]
+    d.callback(f())
+    assert view.epoch == 2 and waiting.called
+    assert set(view.write_rings()[-1].nodes) == {*NODES_3, NEW_NODE}
+    assert view.settled().called
+
+
 def test_the_view_reuses_a_given_ring() -> None:
     ring = shared_ring(tuple(NODES_3))
     view = MapView.of_ring(ring, SIZES)

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -23,6 +23,7 @@ from shardkv.core.movement import MovePlanner
 from shardkv.core.placement import hash_key
 from shardkv.core.records import Record
 from shardkv.core.versions import Version, VersionClock
+from shardkv.errors import StorageFull
 from shardkv.node.app import NodeApp
 from shardkv.node.mapstore import MapStore
 from shardkv.node.mover import Mover
@@ -121,6 +122,25 @@ class MoveRouteTests(SynchronousTestCase):
         self.assertEqual(stored.value, b"\x00n")
         self.assertEqual(stored.stored_ms, int(self.clock.seconds() * 1000))
         self.assertEqual(self.engine.get("old"), put("old", 5).record)
+
+    def test_a_failed_write_is_every_copys_outcome_and_a_bad_copy_only_its_own(self) -> None:
+        """The stream's records go to the engine in one write; when it fails
+        (a full disk) each record answers that error, so the sender retries
+        the batch; a record refused on its own (too large) answers for itself."""
+        self.engine.put_many = lambda items: fail(StorageFull("disk full"))  # type: ignore[method-assign]
+        self.node.store.max_value_bytes = 10
+        big = codec.PutOp("big", Record(put("big", 1).record.version, b"x" * 11))
+        reply = self.stream([put("a", 1), big, put("b", 1)])
+        self.assertEqual(reply.code, 200, reply.body)
+        results = codec.decode_response(reply.body, 3)
+        self.assertEqual(
+            [(r.status, r.error) for r in results],
+            [
+                (507, "insufficient_storage"),
+                (413, "value_too_large"),
+                (507, "insufficient_storage"),
+            ],
+        )
 
     def test_the_stream_takes_max_stream_ops_and_no_more(self) -> None:
         ops = [put(f"k{i}", 1) for i in range(codec.MAX_STREAM_OPS)]

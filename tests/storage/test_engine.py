@@ -56,6 +56,18 @@ async def test_put_get_round_trip(engine: StorageEngine) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_put_many_is_put_for_each_item_in_one_write(engine: StorageEngine) -> None:
+    """A stream's bulk write keeps the newer-only rule item by item, a key
+    named twice included, and answers one result per item, in order."""
+    assert await engine.put("old", rec(5)) is True
+    items = [("a", rec(1)), ("old", rec(4)), ("b", rec(2)), ("a", rec(3)), ("old", rec(6))]
+    assert await engine.put_many(items) == [True, False, True, True, True]
+    assert (engine.get("a"), engine.get("b"), engine.get("old")) == (rec(3), rec(2), rec(6))
+    assert engine.latest("a") == rec(3)
+    assert await engine.put_many([]) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_newer_only_rejects_older_and_equal(engine: StorageEngine) -> None:
     assert await engine.put("k", rec(2)) is True
     assert await engine.put("k", rec(1)) is False

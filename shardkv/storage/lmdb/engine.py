@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import TypeVar
 
@@ -251,6 +251,37 @@ class LMDBEngine:
         d = self._submit(op)
         d.addBoth(self._settled, key, record)
         return d
+
+    def put_many(self, items: Sequence[tuple[str, Record]]) -> Deferred[list[bool]]:
+        """One write op for every item: a stream batch costs one Deferred, not one per record."""
+        keys = [self._check_key(key) for key, _ in items]
+        bad = [kb for kb in keys if isinstance(kb, Deferred)]
+        if bad:
+            for refusal in bad:
+                refusal.addErrback(lambda _: None)
+            return fail(StorageError(f"{len(bad)} of the keys cannot be stored"))
+        changes = []
+        size = 0
+        for kb, (key, record) in zip(keys, items, strict=True):
+            assert isinstance(kb, bytes)
+            value = pack_stored(kb, encode(record))
+            dbk = db_key(kb)
+            changes.append((dbk, value, record.version))
+            size += len(dbk) + len(value)
+            self._pending.setdefault(key, []).append(record)
+
+        def apply(txn: lmdb.Transaction[bytes], db: lmdb._Database) -> list[bool]:
+            return [apply_put(dbk, value, version, txn, db) for dbk, value, version in changes]
+
+        op: WriteOp[list[bool]] = WriteOp(RECORDS_DB, apply, size)
+        d = self._submit(op)
+
+        def settled(result: object) -> object:
+            for key, record in items:
+                self._settled(None, key, record)
+            return result
+
+        return d.addBoth(settled)
 
     def remove_tombstone(self, key: str, record: Record) -> Deferred[bool]:
         return self._discard(key, record, tombstone_only=True)
