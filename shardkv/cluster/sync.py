@@ -97,6 +97,8 @@ class MapSync:
         self.timeout = timeout
         self._cluster_id = cluster_id
         self._last_failure: str | None = None
+        self._agreed: dict[int, float] = {}
+        self._fetching = 0
         self.bootstrapped = False
         self._warned = False
         self._epochs: dict[str, int | None] = {}
@@ -149,6 +151,34 @@ class MapSync:
         """The epoch each member reported at the last poll (None: unreachable or blank)."""
         return {node: self._epochs.get(node) for node in self.view.nodes()}
 
+    def agreed_for(self, epoch: int) -> float:
+        """Seconds since a poll first found every member at ``epoch`` or later (0: not yet).
+
+        The next epoch may be committed only once this passes the nodes'
+        grace (L{shardkv.replica.protocol.FENCE_GRACE}): by then no node takes
+        calls of the epoch before ``epoch`` any more.
+        """
+        since = self._agreed.get(epoch)
+        return 0.0 if since is None else self.clock.seconds() - since
+
+    def notice(self, node: str, epoch: int) -> None:
+        """``node`` answered with a newer epoch (its grace): fetch its map now."""
+        if epoch <= max(self.view.epoch, self._fetching):
+            return
+        self._fetching = epoch
+
+        def got(answer: object) -> None:
+            learned = answer.get("learned") if isinstance(answer, dict) else None
+            if learned is not None:
+                self.view.receive_json(learned)
+
+        def failed(failure: Failure) -> None:
+            self._fetching = self.view.epoch
+            log.debug("fetching epoch {epoch} from {node}: {f}", epoch=epoch, node=node, f=failure)
+
+        d = Deferred.fromCoroutine(self.client.get_map(node, timeout=self.timeout))
+        d.addCallbacks(got, failed)
+
     def refresh(self) -> Deferred[ClusterMap]:
         """Ask every member now; install the newest learned map; push it to the
         members behind. Concurrent callers share one poll."""
@@ -189,6 +219,10 @@ class MapSync:
         if not self.bootstrapped and not self.view.provisional:
             self._warn_if_seeds_differ(self.view.current)
         await self._push_behind(answers)
+        epoch = self.view.epoch
+        members = self.view.nodes()
+        if epoch not in self._agreed and all((self._epochs.get(n) or 0) >= epoch for n in members):
+            self._agreed = {epoch: self.clock.seconds()}
         self._watch_accepted(answers)
         return self.view.current
 

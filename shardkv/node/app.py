@@ -36,6 +36,7 @@ from shardkv.replica.protocol import (
     HEALTH_PATH,
     HINT_FOR,
     MAP_ACCEPT_PATH,
+    MAP_EPOCH_HEADER,
     MAP_LEARN_PATH,
     MAP_PATH,
     MAP_PREPARE_PATH,
@@ -90,9 +91,16 @@ class NodeApp:
         """A node serves its own copy: quorum settings do not apply here."""
         return self.store
 
-    def check_epoch(self, request: IRequest) -> None:
-        """Refuse a replica call planned at an older epoch (L{MapStore.check_epoch})."""
-        self.store.mapstore.check_epoch(request.getHeader(EPOCH_HEADER))
+    def check_epoch(self, request: IRequest) -> bool:
+        """Refuse a replica call planned at an older epoch (L{MapStore.check_epoch});
+        one it still takes, within the grace, is answered with the node's epoch,
+        and True says its writes must be noted (L{MapStore.note_grace_write})."""
+        mapstore = self.store.mapstore
+        header = request.getHeader(EPOCH_HEADER)
+        in_grace = mapstore.check_epoch(header)
+        if in_grace:
+            request.setHeader(MAP_EPOCH_HEADER, b"%d" % mapstore.fence_epoch)
+        return in_grace
 
     @app.route(REPLICA_KV_PREFIX + "<key:_key>", methods=["GET"])
     def replica_get(self, request: IRequest, _key: str) -> bytes:
@@ -104,7 +112,7 @@ class NodeApp:
 
     @app.route(REPLICA_KV_PREFIX + "<key:_key>", methods=["PUT"])
     def replica_put(self, request: IRequest, _key: str) -> Deferred[bytes]:
-        self.check_epoch(request)
+        in_grace = self.check_epoch(request)
         key = path_key(request, _PREFIX)
         try:
             record = record_from_headers(
@@ -120,6 +128,8 @@ class NodeApp:
             raise InvalidRequest(str(e)) from None
         self.store.check_incoming(key, record.version)
         hint_for = request.args.get(HINT_FOR.encode(), [b""])[0].decode("utf-8", "replace")
+        if in_grace and not hint_for:
+            self.store.mapstore.note_grace_write(key)
         d = self.store.accept(key, record, hint_for or None)
         return d.addCallback(lambda applied: json_body(request, 200, {"applied": applied}))
 
@@ -129,11 +139,15 @@ class NodeApp:
 
         A stale epoch refuses the batch whole: every operation in it was
         planned at that epoch."""
-        self.check_epoch(request)
+        in_grace = self.check_epoch(request)
         try:
             ops = codec.decode_request(request.content.read())
         except codec.BatchError as e:
             raise InvalidRequest(str(e), "invalid_batch") from None
+        if in_grace:
+            for op in ops:
+                if isinstance(op, codec.PutOp) and op.hint_for is None:
+                    self.store.mapstore.note_grace_write(op.key)
 
         def answer(outcomes: Sequence[Outcome]) -> bytes:
             request.setHeader(b"content-type", b"application/json")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from shardkv.core import consensus
@@ -77,12 +78,30 @@ def parse_ballot(value: object) -> Ballot:
     return ballot
 
 
+MAX_GRACE_KEYS = 100_000
+"""Keys written in one grace that are kept for a stream to send again; past it
+the stream scans everything once more."""
+
+
 class MapStore:
     """One node's acceptor state and learned map, kept in its engine's metadata."""
 
-    def __init__(self, node_id: str, engine: StorageEngine) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        engine: StorageEngine,
+        clock: IReactorTime | None = None,
+        grace: float = 0.0,
+    ) -> None:
+        """``grace``: seconds after an install during which a call planned at the
+        epoch before is still taken (L{FENCE_GRACE}; needs ``clock``)."""
         self.node_id = node_id
         self._engine = engine
+        self._clock = clock
+        self._grace = grace if clock is not None else 0.0
+        self._fenced_at = float("-inf")
+        self._grace_keys: set[str] = set()
+        self._grace_overflow = False
         self._state = AcceptorState()
         self._learned: ClusterMap | None = None
         self._fence: ClusterMap | None = None
@@ -111,6 +130,8 @@ class MapStore:
             ) from None
         self._state = state
         self._learned = self._fence = learned
+        # What an earlier run took in its grace is not known here (see grace_writes).
+        self._grace_overflow = learned is not None
         if learned is not None:
             self._tell(learned)
 
@@ -159,17 +180,21 @@ class MapStore:
 
     # the fence
 
-    def check_epoch(self, header: bytes | None) -> None:
+    def check_epoch(self, header: bytes | None) -> bool:
         """Refuse a replica call planned at an epoch older than this node's.
 
         No header: no check. The check uses the newest install queued, durable
-        or not (see the module docstring). L{StaleEpoch} carries the node's
+        or not (see the module docstring); a call of the epoch just before it
+        passes while L{grace_left}, and True says so: its writes are for
+        L{note_grace_write}. L{StaleEpoch} carries the node's
         epoch and map so that the caller can switch and retry.
         """
         epoch = parse_epoch(header)
         fence = self._fence
         if epoch is None or fence is None or epoch >= fence.epoch:
-            return
+            return False
+        if epoch == fence.epoch - 1 and self.grace_left() > 0:
+            return True
         raise StaleEpoch(
             f"{self.node_id} has map epoch {fence.epoch}; the request was planned at {epoch}",
             epoch=fence.epoch,
@@ -220,7 +245,36 @@ class MapStore:
             # The newer install is still on its way to disk: answer after it.
             return self._install(fence)
         self._fence = m
+        if self._clock is not None:
+            self._fenced_at = self._clock.seconds()
+        self._grace_keys = set()
+        self._grace_overflow = False
         return self._install(m)
+
+    def note_grace_write(self, key: str) -> None:
+        """A write of the epoch before was taken in the grace: a move's stream,
+        which may have scanned past ``key`` already, sends it again at its end."""
+        if len(self._grace_keys) < MAX_GRACE_KEYS:
+            self._grace_keys.add(key)
+        else:
+            self._grace_overflow = True
+
+    def grace_writes(self) -> list[str] | None:
+        """The keys of L{note_grace_write} since the newest install, sorted; None
+        when they are not all known (too many, or the map was installed by an
+        earlier run of the node): a stream then scans everything again."""
+        return None if self._grace_overflow else sorted(self._grace_keys)
+
+    @property
+    def fence_epoch(self) -> int:
+        """The epoch the fence checks: the newest install queued (0 when none)."""
+        return 0 if self._fence is None else self._fence.epoch
+
+    def grace_left(self) -> float:
+        """Seconds the call of the epoch before the newest install is still taken."""
+        if self._clock is None:
+            return 0.0
+        return max(0.0, self._fenced_at + self._grace - self._clock.seconds())
 
     def _install(self, m: ClusterMap) -> Deferred[int]:
         raw = json.dumps(m.to_json(), sort_keys=True).encode("utf-8")

@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 from shardkv.core.clustermap import ClusterMap, Phase
 from shardkv.core.movement import MovePlanner, owns
 from shardkv.core.placement import hash_key
-from shardkv.core.records import Record
+from shardkv.core.records import CorruptRecord, Record
 from shardkv.errors import InvalidMap, ReplicaCallFailed, ReplicaRefused, StorageError
 from shardkv.replica import codec
 from shardkv.storage.engine import StorageEngine
@@ -66,6 +66,11 @@ ROUND_CHUNKS = 16
 this many chunks even if no destination's batch filled up, so that a node
 sending little still records its progress."""
 WINDOW = 2
+CATCH_UP_KEYS = 256
+CATCH_UP_VALUE = 8192
+"""Keys per batch sent again after the fence's grace, and the largest value
+batched among them (larger ones go alone): a batch stays well under
+L{codec.MAX_STREAM_OPS} and L{codec.MAX_STREAM_BYTES}."""
 """Rounds in flight at once: one being acknowledged while the next is sent."""
 BATCH_TARGET_BYTES = 1 << 20
 """A batch closes once its records' values reach this many bytes."""
@@ -99,6 +104,10 @@ class MapSource(Protocol):
 
     def subscribe(self, fn: Callable[[ClusterMap], None]) -> None: ...
 
+    def grace_left(self) -> float: ...
+
+    def grace_writes(self) -> list[str] | None: ...
+
 
 class StreamPeers(Protocol):
     """What the mover needs of the node's L{shardkv.replica.client.ReplicaClient}."""
@@ -129,10 +138,12 @@ class StreamProgress:
     copies_sent: int = 0
     copies_refused: int = 0
     last_error: str | None = None
+    caught_up: bool = False
+    """The writes taken in the fence's grace have been sent again (L{_Stream._catch_up})."""
 
     def status(self) -> dict[str, Any]:
         out = asdict(self)
-        del out["cursor"]
+        del out["cursor"], out["caught_up"]
         return out
 
 
@@ -236,6 +247,15 @@ class _Task:
         if self.finished is not None:
             self.finished.cancel()
 
+    async def fence_settled(self, meta: str, progress: StreamProgress | CleanupProgress) -> None:
+        """Wait out the fence's grace (L{shardkv.replica.protocol.FENCE_GRACE}), then
+        write ``progress`` through the engine's committer: every call of the
+        previous epoch this node took is then committed, so the scan sees it."""
+        left = self.mover.mapstore.grace_left()
+        if left > 0:
+            await self.pause(left)
+        await self.track(ensureDeferred(self.mover.engine.put_meta(meta, _dump(progress))))
+
     async def pause(self, seconds: float = 0.0) -> None:
         """Let the reactor run (``seconds`` of the mover's clock at least)."""
         await self.track(deferLater(self.mover.clock, seconds, lambda: None))
@@ -278,6 +298,7 @@ class _Stream(_Task):
             cursor=p.cursor,
             share=self.share or "unlimited",
         )
+        catching = self.track(ensureDeferred(self._catch_up()))
         window: deque[tuple[_Round, Deferred[Any]]] = deque()
         while True:
             r = await self._fill()
@@ -289,6 +310,9 @@ class _Stream(_Task):
                 await self._acknowledged(*window.popleft())
         while window:
             await self._acknowledged(*window.popleft())
+        await catching
+        if not p.caught_up:
+            await self._scan_again()
         p.state = "done"
         p.last_error = self._refusal
         await self.track(self.mover.engine.put_meta(stream_meta(self.epoch), _dump(p)))
@@ -299,6 +323,52 @@ class _Stream(_Task):
             bytes=p.bytes_moved,
             copies=p.copies_sent,
         )
+
+    async def _catch_up(self) -> None:
+        """Once the fence's grace is over, send again what the node took in it.
+
+        The scan starts at once, so a write of the epoch before, taken in the
+        grace, may be behind its cursor; its key was noted
+        (L{shardkv.node.mapstore.MapStore.note_grace_write}) and goes again
+        here, after a write through the committer has made it visible. When
+        the keys are not known (the node restarted since it learned the map),
+        the stream scans everything again at its end (L{_scan_again}).
+        """
+        if self.progress.caught_up:
+            return
+        await self.fence_settled(stream_meta(self.epoch), self.progress)
+        keys = self.mover.mapstore.grace_writes()
+        if keys is None:
+            return
+        me, engine = self.mover.node_id, self.mover.engine
+        for start in range(0, len(keys), CATCH_UP_KEYS):
+            r = _Round(self._last)
+            for key in keys[start : start + CATCH_UP_KEYS]:
+                try:
+                    record = engine.get(key)
+                except CorruptRecord:
+                    continue
+                km = None if record is None else self.planner.for_key(key)
+                if record is None or km is None or me not in km.sources:
+                    continue
+                for dest in km.destinations:
+                    if codec.fits_stream(key, record) and len(record.value) <= CATCH_UP_VALUE:
+                        r.batches.setdefault(dest, _Batch()).ops.append(codec.PutOp(key, record))
+                    else:
+                        r.singles.append((dest, key, record))
+            if r.batches or r.singles:
+                await self._send(r)
+        self.progress.caught_up = True
+
+    async def _scan_again(self) -> None:
+        """Send every copy once more (what an earlier run took in its grace is unknown)."""
+        log.info("epoch {epoch}: sending every copy once more after a restart", epoch=self.epoch)
+        await self.fence_settled(stream_meta(self.epoch), self.progress)
+        self._scan_from = self._last = ""
+        self._scan_done = False
+        while (r := await self._fill()) is not None:
+            await self._send(r)
+        self.progress.caught_up = True
 
     async def _acknowledged(self, r: _Round, sent: Deferred[Any]) -> None:
         """Wait for round ``r``, then count it and persist the cursor after it."""
@@ -483,6 +553,7 @@ class _Cleanup(_Task):
     async def run(self) -> None:
         p = self.progress
         p.state = "running"
+        await self.fence_settled(cleanup_meta(self.epoch), p)
         engine, me, n = self.mover.engine, self.mover.node_id, self.map.n
         log.info("epoch {epoch}: cleanup from key {cursor!r}", epoch=self.epoch, cursor=p.cursor)
         while True:

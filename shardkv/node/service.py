@@ -24,6 +24,7 @@ from shardkv.node.mover import Mover
 from shardkv.node.store import NodeStore
 from shardkv.node.tombstones import DEFAULT_GRACE_SECONDS, TombstoneCollector
 from shardkv.periodic import cooperator_on
+from shardkv.replica.protocol import FENCE_GRACE
 from shardkv.storage.engine import StorageEngine
 from shardkv.web.auth import Guard
 from shardkv.web.dataroutes import body_limit_for
@@ -115,7 +116,7 @@ def make_node_service(
         instrument(metrics.storage)
     known = Members(members)
     versions = VersionClock(node_id, now_ms)
-    mapstore = MapStore(node_id, engine)
+    mapstore = MapStore(node_id, engine, reactor, FENCE_GRACE)
     store = NodeStore(
         node_id, engine, versions, max_value_bytes, now_ms, members=known, mapstore=mapstore
     )

@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 
 from shardkv.core.clustermap import ClusterMap, ring_for
 from shardkv.core.membership import abort, expect_epoch, ideal_fraction, stage
@@ -44,6 +45,7 @@ from shardkv.errors import (
     ReplicaRefused,
     UnknownMember,
 )
+from shardkv.replica.protocol import FENCE_GRACE
 from shardkv.web.dataroutes import parse_json_object
 
 T = TypeVar("T")
@@ -81,6 +83,8 @@ class Sync(Protocol):
     def refresh(self) -> Awaitable[ClusterMap]: ...
 
     def learned_epochs(self) -> dict[str, int | None]: ...
+
+    def agreed_for(self, epoch: int) -> float: ...
 
 
 class Proposer(Protocol):
@@ -426,6 +430,10 @@ class MembershipAdmin:
                 epoch=current.epoch,
             )
         self.barrier(current)
+        left = FENCE_GRACE - self.sync.agreed_for(current.epoch)
+        if left > 0:
+            # Nodes may still take calls of the epoch before; wait until none do.
+            await deferLater(self.clock, left, lambda: None)
         assert staged.target.move is not None
         target = dataclasses.replace(
             staged.target, move=dataclasses.replace(staged.target.move, started_ms=self._now_ms())

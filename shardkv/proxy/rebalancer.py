@@ -37,6 +37,7 @@ from shardkv.core.membership import next_phase
 from shardkv.errors import MapConflict, MapUnavailable, ReplicaCallFailed
 from shardkv.periodic import periodic
 from shardkv.proxy.changes import Proposer, Sync, View, call_all, cas_to
+from shardkv.replica.protocol import FENCE_GRACE
 
 log = Logger(namespace="shardkv.rebalance")
 
@@ -109,6 +110,8 @@ class Rebalancer:
         if behind:
             self._wait(m, behind, "has not learned the epoch")
             return
+        if self.sync.agreed_for(m.epoch) < FENCE_GRACE:
+            return  # nodes may still take calls of the epoch before (the fence's grace)
         if await self._ready(m):
             await self._advance(m)
         self._log(self.view.current)

@@ -193,6 +193,7 @@ def make_proxy_service(
     sync = MapSync(
         view, proposer, replica_client, reactor, nodes, sizes, vnodes, interval=map_interval
     )
+    replica_client.newer_epoch = sync.notice
     health = HealthMonitor(
         view.nodes(),
         sync.health_check(replica_client.health),

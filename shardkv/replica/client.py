@@ -77,6 +77,7 @@ from shardkv.replica.protocol import (
     EPOCH_HEADER,
     HEALTH_PATH,
     MAP_ACCEPT_PATH,
+    MAP_EPOCH_HEADER,
     MAP_LEARN_PATH,
     MAP_PATH,
     MAP_PREPARE_PATH,
@@ -168,6 +169,9 @@ class ReplicaClient:
         self.pipeline_depth = pipeline_depth
         self.pipelines: dict[tuple[str, str, int | None], NodePipeline] = {}
         self.newer_map: Callable[[dict[str, Any]], object] | None = None
+        self.newer_epoch: Callable[[str, int], object] | None = None
+        """Called with a node and its epoch when it took a call of an older one
+        (its grace, L{shardkv.replica.protocol.FENCE_GRACE}): time to fetch the map."""
         """Called with the map of every ``stale_epoch`` answer (the proxy installs it)."""
         self.node_inflight_bytes = node_inflight_bytes
         self.inflight_bytes: dict[str, int] = {}
@@ -335,7 +339,7 @@ class ReplicaClient:
         d = Deferred.fromCoroutine(exchange())
         d.addTimeout(seconds, self._clock, on_timeout)
         try:
-            return await d
+            answer = await d
         except _NOT_SENT as e:
             raise NodeUnreachable(node, str(e) or type(e).__name__, sent=False) from None
         except (
@@ -353,6 +357,11 @@ class ReplicaClient:
             if timed_out:
                 raise NodeTimeout(node, seconds) from None
             raise
+        if self.newer_epoch is not None:
+            notice = answer[1].getRawHeaders(MAP_EPOCH_HEADER)
+            if notice and notice[0].isdigit():
+                self.newer_epoch(node, int(notice[0]))
+        return answer
 
     def _node_error(self, node: str, status: int, body: bytes) -> ReplicaCallFailed:
         try:

@@ -40,8 +40,21 @@ HEALTH_PATH = "/health"
 
 EPOCH_HEADER = b"X-Shardkv-Epoch"
 """The map epoch a replica call was planned at. A node that has learned a
-newer epoch refuses the call (409 ``stale_epoch``, with its map); without the
-header nothing is checked."""
+newer epoch refuses the call (409 ``stale_epoch``, with its map), except a
+call of the epoch just before within L{FENCE_GRACE}; without the header
+nothing is checked."""
+MAP_EPOCH_HEADER = b"X-Shardkv-Map-Epoch"
+"""On a node's answer to a call of an older epoch that it still took (within
+L{FENCE_GRACE}): the node's epoch, so that the caller fetches the new map."""
+FENCE_GRACE = 0.5
+"""Seconds a node still takes calls planned at the epoch before the one it
+learned. A proxy learns the new map from the answers meanwhile and builds its
+rings off the reactor, instead of having every request in flight refused and
+waiting for them. The rules that keep this safe: a move's stream sends the
+writes a node took in its grace again once the grace is over, a cleanup
+starts only then, and the next epoch is committed only after every node has
+held this one for longer than the grace (so at most two adjacent epochs are
+ever taken at once)."""
 
 MAP_PATH = "/replica/map"
 """``GET``: the node's learned map and acceptor state."""

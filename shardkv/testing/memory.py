@@ -62,6 +62,7 @@ from shardkv.proxy.health import HealthMonitor
 from shardkv.proxy.hints import HintKeeper
 from shardkv.proxy.rebalancer import Rebalancer
 from shardkv.replica.client import ReplicaClient
+from shardkv.replica.protocol import FENCE_GRACE
 from shardkv.storage.memory import MemoryEngine
 from shardkv.web.dataroutes import DEFAULT_MAX_VALUE_BYTES
 
@@ -102,7 +103,7 @@ def _make_node(
     versions = VersionClock(node_id, now_ms)
     known = Members(members)
     engine = MemoryEngine() if engine is None else engine
-    mapstore = MapStore(node_id, engine)
+    mapstore = MapStore(node_id, engine, clock, FENCE_GRACE)
     store = NodeStore(
         node_id, engine, versions, DEFAULT_MAX_VALUE_BYTES, now_ms, known, mapstore=mapstore
     )
@@ -204,6 +205,7 @@ class MemoryProxy:
             sizes,
             self.view.current.vnodes,
         )
+        self.replica_client.newer_epoch = self.sync.notice
         self.health = HealthMonitor(
             self.view.nodes(),
             self.sync.health_check(self.replica_client.health),

@@ -210,6 +210,34 @@ def test_a_proxy_behind_switches_on_the_first_stale_epoch_answer() -> None:
     assert got.code == 200
 
 
+def test_a_proxy_one_epoch_behind_is_served_in_the_grace_and_fetches_the_map() -> None:
+    """
+    Nodes that have just learned epoch 2 still take the proxy's calls of epoch
+    1 (the fence's grace): the request succeeds with no retry, and the answers'
+    notice makes the proxy fetch epoch 2 at once, before any poll.
+    """
+    c = cluster()
+    m = c.bootstrap()
+    for node in c.nodes.values():
+        c.pump(node.store.mapstore.learn(bumped(m, 2)))
+    assert c.view.epoch == 1
+    got = c.pump(proxy(c).put("http://proxy/kv/k", data=b"v"))
+    assert got.code == 201
+    assert c.coordinator.epoch_retries == 0
+    c.pump(proxy(c).get("http://proxy/kv/k"))
+    assert c.view.epoch == 2
+
+
+def test_agreed_for_counts_from_the_poll_that_found_every_member_at_the_epoch() -> None:
+    c = cluster()
+    m = c.bootstrap()
+    c.pump(c.sync.refresh())
+    assert c.sync.agreed_for(m.epoch) == 0.0
+    c.clock.advance(0.5)
+    assert c.sync.agreed_for(m.epoch) == 0.5
+    assert c.sync.agreed_for(m.epoch + 1) == 0.0
+
+
 def test_refresh_installs_the_newest_and_pushes_to_the_behind() -> None:
     c = cluster()
     m = c.bootstrap()

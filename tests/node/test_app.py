@@ -26,6 +26,7 @@ from shardkv.core.versions import Version, VersionClock
 from shardkv.node.app import NodeApp
 from shardkv.node.store import NodeStore
 from shardkv.replica import codec
+from shardkv.replica.protocol import FENCE_GRACE
 from shardkv.storage.memory import MemoryEngine
 from shardkv.testing.memory import make_node
 from shardkv.web.auth import Guard
@@ -401,8 +402,30 @@ class NodeMapRouteTests(SynchronousTestCase):
             {"node": NODE_ID, "learned": None, "accepted_epoch": None, "cluster_id": None},
         )
 
+    def test_within_the_grace_a_call_of_the_epoch_before_is_taken_and_told_the_epoch(
+        self,
+    ) -> None:
+        """For FENCE_GRACE after an install, a call planned at the epoch just
+        before is still served, and the answer names the node's epoch so that
+        the caller fetches the map; an older call is refused; afterwards the
+        epoch before is refused too."""
+        self.learn(3)
+        self.clock.advance(FENCE_GRACE)
+        self.learn(4)
+        reply = self.http.request("GET", "/replica/kv/old", None, {"X-Shardkv-Epoch": "3"})
+        self.assertEqual(reply.code, 404)
+        self.assertEqual(reply.header("x-shardkv-map-epoch"), "4")
+        reply = self.http.request("GET", "/replica/kv/old", None, {"X-Shardkv-Epoch": "2"})
+        self.assertEqual(reply.error(), (409, "stale_epoch"))
+        self.clock.advance(FENCE_GRACE)
+        reply = self.http.request("GET", "/replica/kv/old", None, {"X-Shardkv-Epoch": "3"})
+        self.assertEqual(reply.error(), (409, "stale_epoch"))
+        reply = self.http.request("GET", "/replica/kv/old", None, {"X-Shardkv-Epoch": "4"})
+        self.assertIsNone(reply.header("x-shardkv-map-epoch"))
+
     def test_stale_replica_calls_are_refused_with_the_map(self) -> None:
         self.learn(4)
+        self.clock.advance(FENCE_GRACE)
         self.http.put("/replica/kv/old", b"v", self.version)
         record = Record(Version.parse("6-6-x"), b"v", "text/plain")
         batch = codec.encode_request([codec.PutOp("b", record), codec.GetOp("old")])

@@ -33,6 +33,7 @@ from shardkv.errors import NodeUnreachable, StorageFull
 from shardkv.node.mapstore import MapStore
 from shardkv.node.mover import Mover, StreamProgress, record_bytes, stream_meta
 from shardkv.replica import codec
+from shardkv.replica.protocol import FENCE_GRACE
 from shardkv.storage.memory import MemoryEngine
 
 T = TypeVar("T")
@@ -310,6 +311,36 @@ class StreamTests(MoverCase):
         expected = expected_copies(self.engine, m, A)[D]
         self.assertEqual({k for k, _ in self.peers.engine(D).scan("", 10**6)}, expected)
 
+    def test_a_write_taken_in_the_fences_grace_is_sent_again_after_it(self) -> None:
+        """
+        The stream starts at once, while the node still takes calls of the
+        epoch before (FENCE_GRACE after it learned the move). A write of that
+        epoch taken in the grace, behind the scan's cursor, is sent again
+        once the grace is over; after a restart, when such writes are not
+        known, every copy is sent once more.
+        """
+        fill(self.engine, 300)
+        mapstore = MapStore(A, self.engine, self.clock, FENCE_GRACE)
+        mapstore.load()
+        mover = Mover(A, self.engine, mapstore, self.peers, self.clock, 64)
+        mover.start()
+        m = joining()
+        self.learn(m, mapstore)
+        key = min(expected_copies(self.engine, m, A)[D])
+        while key not in self.peers.sent(D):
+            self.clock.advance(0.01)
+        self.assertLess(self.clock.seconds(), 100.0 + FENCE_GRACE, "sent within the grace")
+        late = Record(Version(9, 1, "late"), b"written in the grace")
+        self.successResultOf(self.engine.put(key, late))
+        mapstore.note_grace_write(key)
+        self.drive(lambda: self.stream_done(mover))
+        self.assertEqual(self.peers.engine(D).get(key), late)
+        self.assertTrue(_json(self.engine.get_meta(stream_meta(m.epoch)))["caught_up"])
+
+        restarted = MapStore(A, self.engine, self.clock, FENCE_GRACE)
+        restarted.load()
+        self.assertIsNone(restarted.grace_writes())
+
     def test_a_restarted_node_resumes_after_its_last_acknowledged_round(self) -> None:
         """
         Kill the node (no stop) while batches are unanswered: a new map store
@@ -511,7 +542,9 @@ class CleanupTests(MoverCase):
         ring = m.current_ring()
         before = {k for k, _ in self.engine.scan("", 10**6)}
         self.learn(cluster((A, B, C, D, E)))
-        self.engine.meta_writes_left = 3  # the fourth chunk's cursor cannot be stored
+        # The map's install, the cleanup's first record (after the fence's grace)
+        # and two chunks' cursors are stored; the third chunk's cannot be.
+        self.engine.meta_writes_left = 4
         self.learn(m)
         self.drive(lambda: False, seconds=3.0)
         partial = self.mover.status()["cleanup"]
@@ -519,7 +552,7 @@ class CleanupTests(MoverCase):
         self.assertIn("disk full", partial["last_error"])
         self.assertEqual(partial["keys_scanned"], 3 * 64)
         saved = _json(self.engine.get_meta("move/4/cleanup"))
-        self.assertEqual(saved["keys_scanned"], 2 * 64)  # the map's own write took one
+        self.assertEqual(saved["keys_scanned"], 2 * 64)
         self.engine.meta_writes_left = None
         _, mover = self.boot(A)  # killed and restarted
         self.drive(lambda: mover.status()["cleanup"]["state"] == "done")

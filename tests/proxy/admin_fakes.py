@@ -76,6 +76,10 @@ class FakeSync:
             self.view.install(self.store.value)
         return self.view.current
 
+    def agreed_for(self, epoch: int) -> float:
+        """The fakes' members learn at once: the grace is always over."""
+        return float("inf")
+
     def learned_epochs(self) -> dict[str, int | None]:
         m = self.store.value
         ids = {x.id for x in m.members} | set(self.behind)
