@@ -109,9 +109,7 @@ def changed_ranges(previous: Ring, current: Ring, n: int) -> Iterator[RangeChang
     arcs with the same lists are merged. This walks every point of both
     rings, so it is for tests, docs and plans, not for the data path.
     """
-    # The points are the ring's own data; Ring offers no public view of them
-    # because nothing on the data path needs one.
-    points = sorted(set(previous._positions) | set(current._positions))
+    points = sorted({p for p, _ in previous.points()} | {p for p, _ in current.points()})
     # Positions above the last point wrap to the first point.
     arcs = [(0, points[0] + 1, points[0])]
     arcs += [(a + 1, b + 1, b) for a, b in pairwise(points)]

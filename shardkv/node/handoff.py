@@ -62,11 +62,13 @@ class HintHandoff:
         hints = self._engine.hints(target, self._batch)
         m = self._map()
         if m is not None:
-            unneeded = [(k, rec) for k, rec in hints if not m.writes_to(target, k)]
-            for key, record in unneeded:
-                await self._engine.remove_hint(target, key, record)
-            if unneeded:
-                hints = [(k, rec) for k, rec in hints if m.writes_to(target, k)]
+            needed = []
+            for key, record in hints:
+                if m.writes_to(target, key):
+                    needed.append((key, record))
+                else:
+                    await self._engine.remove_hint(target, key, record)
+            hints = needed
         for start in range(0, len(hints), self._window):
             chunk = hints[start : start + self._window]
             calls = [self._client.replica_put(target, key, rec) for key, rec in chunk]
