@@ -1,8 +1,11 @@
 """The coordinator: runs each client request as quorum calls to the replicas.
 
-A key lives on the first N distinct nodes of its preference list. A read asks
-them all and answers once R have replied, with the newest version seen; the
-replicas that were stale are repaired in the background. A write first reads
+A key lives on the first N distinct nodes of its preference list. A read is
+hedged (L{_Read}): it asks the first R healthy replicas and answers once R have
+replied, with the newest version seen; it asks the others only when one of
+those fails or has not answered within the hedge delay, and one read in ten
+(L{READ_ALL_FRACTION}), like every read while a move runs, asks all N. The
+replicas it asked that were stale are repaired in the background. A write first reads
 the newest version (R replies) so that it can mint a larger one, then sends
 the record to the N replicas in parallel and answers once W have durably
 acknowledged it. Neither waits for the slowest replica.
@@ -42,10 +45,12 @@ at the new placement, which is idempotent, instead of answering "unknown".
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from shardkv.cluster.view import MapView, Placement
@@ -55,6 +60,7 @@ from shardkv.core.quorum import (
     AnyWriteQuorum,
     Consistency,
     JointWriteQuorum,
+    LatencyWindow,
     Outcome,
     QuorumSizes,
     ReadQuorum,
@@ -103,6 +109,174 @@ def _first(quorum_decided: Callable[[], bool]) -> tuple[Deferred[None], Callable
     return done, check
 
 
+READ_ALL_FRACTION = 0.1
+"""The share of reads that ask all N replicas instead of R (Cassandra's
+``read_repair_chance``, at its old default). A hedged read can only compare,
+and repair, the replicas it asked; a replica that is never among the first R
+of a key's healthy replicas would otherwise be found stale only by a hedge or a
+failure. One read in ten of a key asking everyone finds it by foreground
+traffic, for 1.05 replica operations per read on average instead of 1.5
+(N=3, R=2). Hinted handoff remains the main way a replica catches up. A
+constant, not an option: the coordinator's ``read_all_fraction`` may be set
+(tests set 0 or 1)."""
+
+SLOW_FOR = 1.0
+"""Seconds a replica that let a hedge fire (it had not answered within the
+hedge delay) is asked after the others. A paused node (SIGSTOP) then costs one
+hedge delay per second instead of one per read, until health marks it down."""
+
+
+class _Read:
+    """One quorum read in flight: which replicas were asked, which wait as spares.
+
+    Hedged (Cassandra's speculative retry): ask the first R replicas that
+    count, keep the rest as spares, and ask spares when an asked one fails
+    (so that R answers can still come) or when the hedge delay passes without
+    a decision (then all of them: the read is slow, so it does what an
+    unhedged read does). The quorum (L{ReadQuorum}) counts un-asked spares as
+    pending, so it never decides FAILED while a spare could still answer.
+    Read repair compares the replicas that answered, once every replica asked
+    has landed.
+
+    One object with a method per event, rather than closures per replica
+    call: a read is the proxy's hottest path.
+    """
+
+    __slots__ = (
+        "asking",
+        "busy",
+        "calls",
+        "coordinator",
+        "done",
+        "epoch",
+        "key",
+        "outstanding",
+        "potential",
+        "quorum",
+        "repaired",
+        "spares",
+        "timer",
+        "waiting",
+    )
+
+    def __init__(self, coordinator: Coordinator, key: str, quorum: ReadQuorum, epoch: int) -> None:
+        self.coordinator = coordinator
+        self.key = key
+        self.quorum = quorum
+        self.epoch = epoch
+        self.done: Deferred[None] = Deferred()
+        self.busy: set[str] = set()
+        self.calls: list[Deferred[Record | None]] = []
+        self.spares: list[tuple[str, bool]] = []
+        self.waiting: set[str] = set()
+        """Replicas asked that have not answered yet."""
+        self.outstanding = 0
+        self.potential = 0
+        """Replicas asked, not yet answered, whose answer would count towards R."""
+        self.timer: IDelayedCall | None = None
+        self.repaired = False
+        self.asking = 0
+        """Loops of asks in progress (their answers may land within them)."""
+
+    def ask_all(self, replicas: list[tuple[str, bool]]) -> None:
+        self.asking += 1
+        for node, counts in replicas:
+            self.ask(node, counts)
+        self.asking -= 1
+        self.landed()
+
+    def start(self, order: list[tuple[str, bool]]) -> None:
+        """Ask the first R counting replicas of ``order``; keep the rest as spares."""
+        self.spares = order
+        self.top_up()
+        if self.spares and not self.done.called:
+            c = self.coordinator
+            self.timer = c.clock.callLater(c.hedge_delay(), self.hedge)
+
+    def ask(self, node: str, counts: bool) -> None:
+        c = self.coordinator
+        self.outstanding += 1
+        self.waiting.add(node)
+        if counts:
+            self.potential += 1
+        call = c.replica_client.replica_get(node, self.key, epoch=self.epoch)
+        call.addCallbacks(
+            self.ok,
+            self.failed,
+            callbackArgs=(node, counts, c.clock.seconds()),
+            errbackArgs=(node, counts),
+        )
+        self.calls.append(call)
+
+    def top_up(self) -> None:
+        """Ask spares, in order, until R counting answers can come from replicas asked."""
+        quorum, spares = self.quorum, self.spares
+        self.asking += 1
+        while spares and quorum.answered + self.potential < quorum.r:
+            node, counts = spares.pop(0)
+            self.ask(node, counts)
+        self.asking -= 1
+        self.landed()
+
+    def hedge(self) -> None:
+        """The hedge delay passed undecided: ask every spare."""
+        self.timer = None
+        if self.done.called:
+            return
+        c = self.coordinator
+        c.hedges += 1
+        until = c.clock.seconds() + SLOW_FOR
+        for node in self.waiting:
+            c._slow[node] = until
+        spares, self.spares = self.spares, []
+        self.ask_all(spares)
+
+    def ok(self, record: Record | None, node: str, counts: bool, started: float) -> None:
+        c = self.coordinator
+        self.outstanding -= 1
+        self.waiting.discard(node)
+        if counts:
+            self.potential -= 1
+        c.latency.add(c.clock.seconds() - started)
+        if c._slow:
+            c._slow.pop(node, None)
+        self.quorum.add(node, record, counts=counts)
+        self.landed()
+
+    def failed(self, failure: Failure, node: str, counts: bool) -> None:
+        c = self.coordinator
+        self.outstanding -= 1
+        self.waiting.discard(node)
+        if counts:
+            self.potential -= 1
+        c.health.call_failed(node, failure.value)
+        if isinstance(failure.value, NodeBusy):
+            self.busy.add(node)
+        self.quorum.fail(node, _reply_kind(failure))
+        self.top_up()
+
+    def landed(self) -> None:
+        """Answer once the quorum decides; repair once every replica asked has
+        landed (not while a loop is still asking: answers may come at once)."""
+        done = self.done
+        if not done.called and self.quorum.outcome() is not None:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            done.callback(None)
+        if self.outstanding == 0 and done.called and not self.asking and not self.repaired:
+            self.repaired = True
+            self.coordinator._repair(self.key, self.quorum, self.epoch)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.spares = []
+        for call in self.calls:
+            call.cancel()
+
+
 class Coordinator:
     def __init__(
         self,
@@ -113,11 +287,13 @@ class Coordinator:
         hints: HintKeeper,
         sizes: QuorumSizes | None = None,
         metrics: ProxyMetrics | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         """``view``: the map to route by. A bare L{Ring} (tests, tools) is served as a
         provisional map of its nodes with ``sizes``; with a view, N, R and W are the
         map's and ``sizes`` is ignored. ``metrics``: where quorum outcomes, read
-        repairs and epoch retries are counted (default: a private registry)."""
+        repairs and epoch retries are counted (default: a private registry). ``clock``:
+        what hedge delays are timed by (default: the replica client's)."""
         if isinstance(view, Ring):
             view = MapView.of_ring(view, sizes or DEFAULT_SIZES)
         self.view = view
@@ -133,6 +309,17 @@ class Coordinator:
         self.defaults = Consistency()
         """This proxy's own default R and W in place of the map's (None: the map's);
         a reload that changes ``--r`` or ``--w`` sets them."""
+        self.clock: IReactorTime = replica_client.clock if clock is None else clock
+        self.latency = LatencyWindow()
+        """Recent replica read latencies: where the hedge delay comes from."""
+        self.read_all_fraction = READ_ALL_FRACTION
+        self._random = random.Random()
+        self._slow: dict[str, float] = {}
+        """Replicas that let a hedge fire, and until when they are asked last."""
+        self.hedges = 0
+        """Reads whose hedge fired (spares asked because the first R were slow)."""
+        self.reads_of_all = 0
+        """Reads that asked all N (the read-all share, or a move)."""
 
     @property
     def repairs(self) -> int:
@@ -193,64 +380,66 @@ class Coordinator:
     async def read_record(
         self, key: str, n: int, r: int, placement: Placement | None = None
     ) -> Record | None:
-        """The newest record (tombstones included) that R replicas agree exists."""
+        """The newest record (tombstones included) that R replicas agree exists.
+
+        Hedged (see L{_Read}): R replicas are asked, the others only if one of
+        them fails or is slow. A share of reads (L{read_all_fraction}), and
+        every read while a move runs, asks all N.
+        """
         p = placement or self.view.placement
         replicas = p.read_ring.preference_list(key, n)
         quorum = ReadQuorum(replicas, r)
-        busy: set[str] = set()
-        done, check = _first(lambda: quorum.outcome() is not None)
-
-        def landed() -> None:
-            check()
-            if quorum.pending == 0:
-                self._repair(key, quorum, p.epoch)
-
-        calls = []
+        read = _Read(self, key, quorum, p.epoch)
+        health = self.health
+        # A replica with hints still waiting for it may be stale. A read
+        # quorum that intersects every write quorum (R + W > N) outvotes it
+        # anyway; a smaller one must not count it.
+        intersects = r + min(p.map.w, n) > n
+        up: list[tuple[str, bool]] = []
         for node in replicas:
-            if self.health.is_down(node):
+            if health.is_down(node):
                 quorum.fail(node)
-                continue
-            call = self.replica_client.replica_get(node, key, epoch=p.epoch)
-            # A replica with hints still waiting for it may be stale. A read
-            # quorum that intersects every write quorum (R + W > N) outvotes
-            # it anyway; a smaller one must not count it.
-            counts = r + min(p.map.w, n) > n or not self.health.has_hints_waiting(node)
-            call.addCallbacks(
-                self._read_ok,
-                self._read_failed,
-                callbackArgs=(quorum, node, counts, landed),
-                errbackArgs=(quorum, node, landed, busy),
-            )
-            calls.append(call)
-        check()
+            else:
+                up.append((node, intersects or not health.has_hints_waiting(node)))
+        # During a move (copying, handover) the nodes stream while they serve,
+        # so latency varies most; asking all N then answers with the fastest R
+        # without waiting for a hedge, and repairs every replica of the ranges
+        # that are settling. Moves are rare, so this costs little.
+        moving = len(p.write_rings) > 1
+        if moving or self._random.random() < self.read_all_fraction:
+            self.reads_of_all += 1
+            read.ask_all(up)
+        else:
+            read.start(self._hedge_order(up))
         try:
-            await done
+            await read.done
         except CancelledError:
             # The client hung up: stop asking. (Writes, past this point, are
             # never cancelled, so replicas do not end up half-written.)
-            for call in calls:
-                call.cancel()
+            read.cancel()
             raise
-        outcome = quorum.outcome()
-        if outcome is Outcome.OK:
+        if quorum.outcome() is Outcome.OK:
             return quorum.newest()
-        raise self._read_error(quorum, r, busy)
+        raise self._read_error(quorum, r, read.busy)
 
-    @staticmethod
-    def _read_ok(
-        record: Record | None, quorum: ReadQuorum, node: str, counts: bool, landed: Any
-    ) -> None:
-        quorum.add(node, record, counts=counts)
-        landed()
+    def _hedge_order(self, up: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+        """The order a hedged read asks ``up`` in: preference order, but
+        replicas that count towards R first, and recently slow ones last."""
+        slow = self._slow
+        if slow:
+            now = self.clock.seconds()
+            for node, until in list(slow.items()):
+                if until <= now:
+                    del slow[node]
+        if not slow and all(counts for _, counts in up):
+            return up
+        return sorted(up, key=lambda item: (not item[1], item[0] in slow))
 
-    def _read_failed(
-        self, failure: Failure, quorum: ReadQuorum, node: str, landed: Any, busy: set[str]
-    ) -> None:
-        self.health.call_failed(node, failure.value)
-        if isinstance(failure.value, NodeBusy):
-            busy.add(node)
-        quorum.fail(node, _reply_kind(failure))
-        landed()
+    def hedge_delay(self) -> float:
+        """Seconds a hedged read waits for its first R replicas before asking the
+        others: the recent p99 of replica reads, within its floor and cap, and at
+        most a quarter of the replica timeout (a hedge must come well before a 504)."""
+        return min(self.latency.delay(), self.replica_client.timeout / 4)
 
     @staticmethod
     def _read_error(quorum: ReadQuorum, r: int, busy: set[str]) -> QuorumUnavailable:

@@ -179,6 +179,11 @@ class ReplicaClient:
         self.metrics = metrics if metrics is not None else ReplicaMetrics.private()
         self.metrics.watch(self.queue_depths)
 
+    @property
+    def clock(self) -> IReactorTime:
+        """The reactor time its deadlines are counted in."""
+        return self._clock
+
     def queue_depths(self) -> list[tuple[str, str, int]]:
         """(node, kind, operations waiting) for every pipeline kept: the queue gauge."""
         depths: dict[tuple[str, str], int] = {}

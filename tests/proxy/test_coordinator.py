@@ -18,6 +18,7 @@ C{tests.proxy.test_hints}'s.
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -216,7 +217,9 @@ class QuorumLevelTests(ClusterCase):
     def test_r_and_w_decide_how_long_a_request_waits(self) -> None:
         """
         With one home replica hung, a request needing all three replies waits
-        for the timeout (then 504); one needing fewer answers at once.
+        for the timeout (then 504); one needing fewer answers within one hedge
+        delay (at once when the hung replica is not among the first R a
+        hedged read asks, or the request writes without reading first).
         """
         rows: list[tuple[str, str, dict[str, str], bool]] = [
             ("PUT", "?w=3", {}, True),
@@ -238,15 +241,12 @@ class QuorumLevelTests(ClusterCase):
             self.assertEqual(self.now("PUT", kv(key), b"old").code, 201)
             self.cluster.network.hung.add(home[position])
             body = b"new" if method == "PUT" else None
-            d = self.http.start(method, kv(key) + query, body, headers)
-            self.http.pump(d)
-            self.assertEqual(answered(d), not waits, row)
             if waits:
-                self.cluster.clock.advance(TIMEOUT + 0.01)
-                reply = self.http.finish(d)
+                reply = self.after_timeout(method, kv(key) + query, body, **headers)
                 self.assertEqual(reply.error(), (504, "replica_timeout"), row)
             else:
-                self.assertIn(self.successResultOf(d).code, (200, 201), row)
+                reply = self.hedged(method, kv(key) + query, body, **headers)
+                self.assertIn(reply.code, (200, 201), row)
 
     def test_invalid_quorum(self) -> None:
         """R or W above N, or not a positive whole number, is 400 and sends nothing."""
@@ -586,11 +586,11 @@ class NodeErrorTests(SynchronousTestCase):
 class SlowReplicaTests(ClusterCase):
     def test_hung_replica_is_not_waited_for(self) -> None:
         """
-        A hung home replica delays neither writes nor reads: they answer once
-        two replicas did, without the clock moving. When its calls time out
-        it is not marked down (only failed health checks do that for a node
-        that accepts connections), and the write it missed waits for it as a
-        hint.
+        A hung home replica delays neither writes nor reads by more than one
+        hedge delay: they answer once two replicas did, without waiting for
+        its timeout. When its calls time out it is not marked down (only
+        failed health checks do that for a node that accepts connections),
+        and the write it missed waits for it as a hint.
         """
         for size, position, op in itertools.product((3, 5), POSITIONS, ("PUT", "GET", "DELETE")):
             row = (size, position, op)
@@ -601,9 +601,9 @@ class SlowReplicaTests(ClusterCase):
             hung = home[position]
             self.cluster.network.hung.add(hung)
 
-            reply = self.now(op, kv(key), b"v1" if op == "PUT" else None)
+            reply = self.hedged(op, kv(key), b"v1" if op == "PUT" else None)
             self.assertEqual(reply.code, 200, row)
-            self.assertEqual(self.cluster.clock.seconds(), 0.0)
+            self.assertLessEqual(self.cluster.clock.seconds(), self.hedge_delay())
             if op == "GET":
                 self.assertEqual(reply.body, b"v0", row)
                 continue
@@ -621,8 +621,8 @@ class SlowReplicaTests(ClusterCase):
     def test_slow_replica_is_not_waited_for_and_catches_up(self) -> None:
         """
         A replica that answers late (within the timeout) does not delay the
-        answer, still applies the write, and is neither marked down nor
-        hinted for.
+        answer by more than a hedge delay, still applies the write, and is
+        neither marked down nor hinted for.
         """
         for size, position in itertools.product((3, 5), POSITIONS):
             row = (size, position)
@@ -631,10 +631,10 @@ class SlowReplicaTests(ClusterCase):
             home = home_replicas(self.cluster, key)
             slow = home[position]
             self.faults.delay[slow] = 1.5
-            reply = self.now("PUT", kv(key), b"v")
+            reply = self.hedged("PUT", kv(key), b"v")
             self.assertEqual(reply.code, 201, row)
             self.assertIsNone(self.stored(slow, key), row)
-            self.assertEqual(self.now("GET", kv(key)).body, b"v", row)
+            self.assertEqual(self.hedged("GET", kv(key)).body, b"v", row)
             self.cluster.clock.advance(1.5)
             settle(self.cluster)
             self.assertEqual(self.versions(key, [slow]), [version_of(reply)], row)
@@ -926,11 +926,15 @@ class ReadRepairTests(ClusterCase):
         """
         A read at R=2 returns the newest record even when a replica it asked
         is stale, and then brings that replica up to date in the background.
+        A read that asks every replica (here every read: the read-all share is
+        1) finds a stale one wherever it is in the preference list; a hedged
+        read, only among the replicas it asked (L{test_hedged_read_repairs_the_replicas_it_asked}).
         """
         hows = ("missed write", "older record", "missing record", "missed delete")
         for how, position in itertools.product(hows, POSITIONS):
             row = (how, position)
             self.use(5)
+            self.cluster.coordinator.read_all_fraction = 1.0
             key = "k"
             home = home_replicas(self.cluster, key)
             stale = home[position]
@@ -956,6 +960,39 @@ class ReadRepairTests(ClusterCase):
             self.assertEqual(again.code, 404 if how == "missed delete" else 200, row)
             self.assertEqual(again.body, b"v2" if how != "missed delete" else again.body, row)
 
+    def test_hedged_read_repairs_the_replicas_it_asked(self) -> None:
+        """
+        A hedged read asks the first two home replicas. A stale one among them
+        is repaired; a stale third replica is not asked, so not repaired, until
+        a read asks every replica (the read-all share) or a hedge or a failure
+        makes a read ask it.
+        """
+        for position in POSITIONS:
+            self.use(3)
+            coordinator = self.cluster.coordinator
+            coordinator.read_all_fraction = 0.0
+            key = "k"
+            home = home_replicas(self.cluster, key)
+            stale = home[position]
+            self.assertEqual(self.now("PUT", kv(key), b"v1").code, 201)
+            self.make_stale("missed write", key, stale)
+            newest = self.stored(home[position - 1], key)
+            assert newest is not None
+
+            reads = len(self.replica_reads(key))
+            self.assertEqual(self.now("GET", kv(key)).body, b"v2", position)
+            settle(self.cluster)
+            asked = [c.node for c in self.replica_reads(key)[reads:]]
+            self.assertEqual(asked, home[:2], position)
+            self.assertEqual(coordinator.repairs, 1 if position < 2 else 0, position)
+            self.assertEqual(same_data(newest, self.stored(stale, key)), position < 2, position)
+
+            coordinator.read_all_fraction = 1.0
+            self.assertEqual(self.now("GET", kv(key)).body, b"v2", position)
+            settle(self.cluster)
+            self.assertEqual(coordinator.repairs, 1, position)
+            self.assertTrue(same_data(newest, self.stored(stale, key)), position)
+
     def test_up_to_date_replicas_are_not_repaired(self) -> None:
         self.use(5)
         self.now("PUT", kv("k"), b"v")
@@ -964,6 +1001,208 @@ class ReadRepairTests(ClusterCase):
             self.assertEqual(self.now("GET", kv("k")).body, b"v")
         settle(self.cluster)
         self.assertEqual((self.cluster.coordinator.repairs, len(self.faults.writes())), (0, sent))
+
+
+# -- hedged reads ---------------------------------------------------------------
+
+
+class HedgedReadTests(ClusterCase):
+    """
+    A read asks the first R healthy home replicas that count towards R, and
+    the others only when one of those fails (at once) or has not answered
+    within the hedge delay (on the cluster's clock). A share of reads asks
+    all N, and so does every read while a move runs
+    (L{tests.proxy.test_coordinator_joint}).
+    """
+
+    def use_hedged(self, size: int = 3, **levels: int) -> list[str]:
+        """A fresh cluster whose reads all hedge; the home replicas of ``k`` (written)."""
+        self.use(size, **levels)
+        self.cluster.coordinator.read_all_fraction = 0.0
+        self.assertEqual(self.now("PUT", kv("k"), b"v").code, 201)
+        return home_replicas(self.cluster, "k")
+
+    def asked(self, since: int = 0) -> list[str]:
+        return [c.node for c in self.replica_reads("k")[since:]]
+
+    def test_a_read_asks_only_r_replicas(self) -> None:
+        for size, r in [(3, 2), (5, 2), (5, 1), (5, 3)]:
+            home = self.use_hedged(size)
+            before = len(self.replica_reads("k"))
+            got = self.now("GET", kv("k") + f"?r={r}")
+            self.assertEqual((got.code, got.body), (200, b"v"), (size, r))
+            self.assertEqual(self.asked(before), home[:r], (size, r))
+            self.assertEqual(self.cluster.coordinator.hedges, 0)
+
+    def test_the_hedge_fires_after_the_delay(self) -> None:
+        """
+        With the first replica hung, the read waits exactly one hedge delay,
+        then asks the third and answers from it and the second. The hung one
+        is not marked down (a timeout is not a failure).
+        """
+        for position in (0, 1):
+            home = self.use_hedged()
+            coordinator = self.cluster.coordinator
+            self.cluster.network.hung.add(home[position])
+            before = len(self.replica_reads("k"))
+            d = self.http.start("GET", kv("k"))
+            self.http.pump(d)
+            self.assertNoResult(d)
+            delay = coordinator.hedge_delay()
+            self.cluster.clock.advance(delay * 0.99)
+            self.http.pump(d)
+            self.assertNoResult(d)
+            self.assertEqual(self.asked(before), [n for n in home[:2] if n != home[position]])
+            self.cluster.clock.advance(delay * 0.02)
+            got = self.http.finish(d)
+            self.assertEqual((got.code, got.body), (200, b"v"), position)
+            self.assertEqual(self.asked(before)[-1], home[2], position)
+            self.assertEqual(coordinator.hedges, 1, position)
+            self.cluster.clock.advance(TIMEOUT)
+            settle(self.cluster)
+            self.assertFalse(self.cluster.health.is_down(home[position]), position)
+
+    def test_a_replica_that_let_the_hedge_fire_is_asked_last(self) -> None:
+        """
+        After a hedge, the replica that was slow is asked after the others for
+        SLOW_FOR seconds, so that a paused node does not cost every read a
+        hedge delay until health marks it down; then it is asked first again.
+        """
+        from shardkv.proxy.coordinator import SLOW_FOR
+
+        home = self.use_hedged()
+        self.cluster.network.hung.add(home[0])
+        self.assertEqual(self.hedged("GET", kv("k")).body, b"v")
+        self.cluster.network.hung.clear()
+        before = len(self.replica_reads("k"))
+        self.assertEqual(self.now("GET", kv("k")).body, b"v")
+        self.assertEqual(self.asked(before), home[1:])
+        self.cluster.clock.advance(SLOW_FOR)
+        settle(self.cluster)
+        before = len(self.replica_reads("k"))
+        self.assertEqual(self.now("GET", kv("k")).body, b"v")
+        self.assertEqual(self.asked(before), home[:2])
+        self.assertEqual(self.cluster.coordinator.hedges, 1)
+
+    def test_a_late_answer_clears_the_slow_mark(self) -> None:
+        home = self.use_hedged()
+        self.faults.delay[home[0]] = 0.5
+        self.assertEqual(self.hedged("GET", kv("k")).body, b"v")
+        self.cluster.clock.advance(0.5)  # its late answer lands: it is fast again
+        settle(self.cluster)
+        self.faults.delay.clear()
+        before = len(self.replica_reads("k"))
+        self.assertEqual(self.now("GET", kv("k")).body, b"v")
+        self.assertEqual(self.asked(before), home[:2])
+
+    def test_a_failed_replica_makes_the_read_ask_the_next_at_once(self) -> None:
+        """
+        A refused connection (the node died, health does not know yet) is a
+        failure: the next replica is asked at once, without waiting for a
+        hedge, and the node is marked down. Once it is known to be down, reads
+        skip it and ask the other two.
+        """
+        for position in (0, 1):
+            home = self.use_hedged()
+            self.cluster.network.down.add(home[position])
+            before = len(self.replica_reads("k"))
+            got = self.now("GET", kv("k"))
+            self.assertEqual((got.code, got.body), (200, b"v"), position)
+            # (The refused call never reaches the network log.)
+            others = [n for n in home if n != home[position]]
+            self.assertEqual(self.asked(before), others, position)
+            self.assertTrue(self.cluster.health.is_down(home[position]), position)
+            self.cluster.network.down.clear()  # it works again; health does not know yet
+            before = len(self.faults.calls)
+            self.assertEqual(self.now("GET", kv("k")).body, b"v", position)
+            asked = [c.node for c in self.faults.calls[before:]]
+            self.assertEqual(asked, others, position)
+            self.assertEqual(self.cluster.coordinator.hedges, 0)
+
+    def test_two_failures_of_three_fail_the_read(self) -> None:
+        home = self.use_hedged()
+        self.cluster.network.down.update(home[:2])
+        got = self.now("GET", kv("k"))
+        self.assertEqual(got.error(), (503, "insufficient_replicas"))
+        self.assertEqual((got.json()["replied"], got.json()["failed"]), (1, sorted(home[:2])))
+
+    def test_a_hung_spare_is_not_waited_for(self) -> None:
+        """With the third replica hung, a hedged read never asks it."""
+        home = self.use_hedged()
+        self.cluster.network.hung.add(home[2])
+        before = len(self.replica_reads("k"))
+        self.assertEqual(self.now("GET", kv("k")).body, b"v")
+        self.assertEqual(self.asked(before), home[:2])
+
+    def test_the_read_all_share(self) -> None:
+        """
+        A read asks all N with probability ``read_all_fraction`` (0.1 by
+        default, drawn from the coordinator's random), R otherwise.
+        """
+        from shardkv.proxy.coordinator import READ_ALL_FRACTION
+
+        self.use(3)
+        coordinator = self.cluster.coordinator
+        self.assertEqual(coordinator.read_all_fraction, READ_ALL_FRACTION)
+        self.assertEqual(self.now("PUT", kv("k"), b"v").code, 201)
+        coordinator._random = random.Random(7)
+        before = len(self.replica_reads("k"))
+        reads = 400
+        for _ in range(reads):
+            self.assertEqual(self.now("GET", kv("k")).body, b"v")
+        asked = len(self.replica_reads("k")) - before
+        alls = coordinator.reads_of_all
+        self.assertEqual(asked, 2 * reads + alls)
+        self.assertTrue(0.05 * reads < alls < 0.15 * reads, alls)
+
+    def test_hedge_delay_follows_replica_latency(self) -> None:
+        """
+        The delay is the recent p99 of replica reads, at least its floor, at
+        most its cap and a quarter of the replica timeout.
+        """
+        self.use(3)
+        coordinator = self.cluster.coordinator
+        window = coordinator.latency
+        self.assertEqual(coordinator.hedge_delay(), window.floor)
+        for _ in range(window.every):
+            window.add(0.02)
+        self.assertAlmostEqual(coordinator.hedge_delay(), 0.02)
+        for _ in range(window.every):
+            window.add(5.0)
+        self.assertAlmostEqual(coordinator.hedge_delay(), window.cap)
+        self.cluster.replica_client.timeout = 0.2
+        self.assertAlmostEqual(coordinator.hedge_delay(), 0.05)
+
+    def test_observed_latency_sets_the_delay(self) -> None:
+        """Replica answers that take 30 ms of clock time make the hedge wait about that."""
+        self.use_hedged()
+        for node in NODES_3:
+            self.faults.delay[node] = 0.03
+        coordinator = self.cluster.coordinator
+        for _ in range(coordinator.latency.every // 2):
+            d = self.http.start("GET", kv("k"))
+            self.http.pump(d)
+            self.cluster.clock.advance(0.03)
+            self.assertEqual(self.http.finish(d).body, b"v")
+        self.assertAlmostEqual(coordinator.hedge_delay(), 0.03, places=3)
+
+    def test_a_stale_replica_with_hints_waiting_is_not_asked_first_when_r_w_le_n(self) -> None:
+        """
+        With R + W <= N (R=1 here), a replica that hints wait for does not
+        count towards R: a hedged read asks a replica that counts instead,
+        and never answers from the stale one alone.
+        """
+        for position in POSITIONS:
+            home = self.use_hedged()
+            behind = home[position]
+            self.down(behind)
+            self.assertEqual(self.now("PUT", kv("k"), b"v1").code, 200)
+            self.restart(behind)
+            self.assertTrue(self.cluster.health.has_hints_waiting(behind))
+            before = len(self.replica_reads("k"))
+            got = self.now("GET", kv("k") + "?r=1")
+            self.assertEqual((got.code, got.body), (200, b"v1"), position)
+            self.assertEqual(self.asked(before), [n for n in home if n != behind][:1], position)
 
 
 # -- what clients can rely on -------------------------------------------------
