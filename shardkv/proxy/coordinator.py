@@ -5,10 +5,15 @@ hedged (L{_Read}): it asks the first R healthy replicas and answers once R have
 replied, with the newest version seen; it asks the others only when one of
 those fails or has not answered within the hedge delay, and one read in ten
 (L{READ_ALL_FRACTION}), like every read while a move runs, asks all N. The
-replicas it asked that were stale are repaired in the background. A write first reads
-the newest version (R replies) so that it can mint a larger one, then sends
-the record to the N replicas in parallel and answers once W have durably
-acknowledged it. Neither waits for the slowest replica.
+replicas it asked that were stale are repaired in the background.
+
+A write sends its record to the N replicas in parallel and answers once W have
+durably acknowledged it. Its version must be larger than any acknowledged
+before it started. Where any two write quorums intersect (2W > N) and the
+write has no precondition, it mints a tentative version and sends it at once
+(L{Coordinator._write_one_round}: one round, retried past a refusal);
+otherwise it first reads the newest version (R replies) and mints past it.
+Neither waits for the slowest replica.
 
 When a quorum cannot be had it raises:
 
@@ -47,7 +52,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -71,7 +76,7 @@ from shardkv.core.quorum import (
     replica_targets,
 )
 from shardkv.core.records import Record
-from shardkv.core.versions import Version, VersionClock
+from shardkv.core.versions import SeenCounters, Version, VersionClock
 from shardkv.core.writes import WriteResult, next_tombstone, next_value
 from shardkv.errors import (
     NodeBusy,
@@ -84,6 +89,7 @@ from shardkv.errors import (
 from shardkv.metrics import ProxyMetrics, counter_value
 from shardkv.proxy.health import HealthMonitor
 from shardkv.proxy.hints import HintKeeper
+from shardkv.replica import codec
 from shardkv.replica.client import ReplicaClient, write_cost
 
 DEFAULT_SIZES = QuorumSizes(n=3, r=2, w=2)
@@ -96,17 +102,6 @@ def _reply_kind(failure: Failure) -> Reply:
     if isinstance(failure.value, ReplicaCallFailed) and failure.value.sent:
         return Reply.UNKNOWN
     return Reply.FAILED
-
-
-def _first(quorum_decided: Callable[[], bool]) -> tuple[Deferred[None], Callable[[], None]]:
-    """A Deferred that fires the first time ``quorum_decided()`` holds."""
-    done: Deferred[None] = Deferred()
-
-    def check() -> None:
-        if not done.called and quorum_decided():
-            done.callback(None)
-
-    return done, check
 
 
 READ_ALL_FRACTION = 0.1
@@ -277,6 +272,172 @@ class _Read:
             call.cancel()
 
 
+ONE_ROUND_ATTEMPTS = 3
+"""Tentative versions a one-round write sends before it falls back to reading
+the version first. A refusal carries the newest version its replica holds, so
+the second try wins unless another writer wrote the key in the meantime; the
+third covers one such race. Two writers racing on one key could otherwise
+leapfrog each other; the read-first fallback always ends (there a replica that
+holds a newer version acknowledges: the write lost to a concurrent one)."""
+
+
+def _unconditional(pre: Precondition) -> bool:
+    return not (pre.if_match or pre.match_any or pre.none_match_any or pre.other_tags)
+
+
+class _Tentative:
+    """What the tries of one one-round write learned from the replicas' answers."""
+
+    __slots__ = ("blind", "maybe_applied", "minted", "newest", "refused")
+
+    def __init__(self) -> None:
+        self.minted: set[Version] = set()
+        """The versions this write's tries carried (never "someone else's")."""
+        self.refused: Version | None = None
+        """The newest version a replica refused the current try with."""
+        self.newest: tuple[Version, bool] | None = None
+        """The newest record any answer reported held, not one of ours, and
+        whether it was live: what ``created`` is decided by."""
+        self.maybe_applied = False
+        """A try that did not reach W may be on some replicas."""
+        self.blind = False
+        """A replica refused without saying what it holds (a node older than
+        the field, or a record gone meanwhile): minting past it is guesswork."""
+
+    def reply(self, result: codec.Result, version: Version) -> Reply:
+        """A home replica's answer to a try of ``version``, as the quorum counts it."""
+        if result.live is None:
+            self.blind = self.blind or not result.applied
+            return Reply.OK if result.applied else Reply.FAILED
+        held = result.held
+        if held == version:  # it holds this very try already
+            return Reply.OK
+        if held is not None:
+            self.note(held, result.live)
+        if result.applied:
+            return Reply.OK
+        if held is None:
+            self.blind = True
+        elif self.refused is None or held > self.refused:
+            self.refused = held
+        return Reply.FAILED
+
+    def note(self, held: Version, live: bool) -> None:
+        if held in self.minted:
+            return
+        if self.newest is None or held > self.newest[0]:
+            self.newest = (held, live)
+
+    def created(self) -> bool:
+        return self.newest is None or not self.newest[1]
+
+    def honest(self, e: QuorumUnavailable) -> QuorumUnavailable:
+        """``e``, unless an earlier try may be on some replicas: then its outcome
+        is unknown (never not_applied, nor overloaded)."""
+        if not self.maybe_applied or e.details.get("outcome") == "unknown":
+            return e
+        details = {**e.details, "outcome": "unknown"}
+        first = e.message.split(";")[0]
+        message = (
+            f"{first}; an earlier try of this write is on some replicas "
+            "and may still become visible"
+        )
+        if isinstance(e, QuorumTimeout):
+            return QuorumTimeout(message, **details)
+        return QuorumUnavailable(message, **details)
+
+
+class _Write:
+    """One replica write in flight: its quorum, and what happens as answers land.
+
+    Hints (L{HintKeeper.missed}) go out once every target answered, and only for
+    a write that stands: a one-round try that was superseded by a newer try
+    needs none, and one whose outcome is not known yet waits for ``stands``.
+    """
+
+    __slots__ = (
+        "busy",
+        "coordinator",
+        "done",
+        "hinted",
+        "key",
+        "n",
+        "preference",
+        "quorum",
+        "record",
+        "refusals",
+        "sending",
+        "stale",
+        "tally",
+        "verdict",
+    )
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        key: str,
+        record: Record,
+        quorum: AnyWriteQuorum,
+        preference: list[str],
+        n: int,
+        stale: list[NodeHasNewerMap],
+        tally: _Tentative | None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.key = key
+        self.record = record
+        self.quorum = quorum
+        self.preference = preference
+        self.n = n
+        self.stale = stale
+        self.tally = tally
+        self.busy: set[Target] = set()
+        self.refusals: list[Target] = []
+        self.done: Deferred[None] = Deferred()
+        self.sending = True
+        self.hinted = False
+        self.verdict: bool | None = True if tally is None else None
+
+    def ok(self, result: codec.Result, target: Target) -> None:
+        reply = Reply.OK
+        if self.tally is not None and target.hint_for is None:
+            reply = self.tally.reply(result, self.record.version)
+            if reply is Reply.FAILED:
+                self.refusals.append(target)
+        self.quorum.add(target, reply)
+        self.landed()
+
+    def failed(self, failure: Failure, target: Target) -> None:
+        c = self.coordinator
+        c.health.call_failed(target.node, failure.value)
+        if isinstance(failure.value, NodeBusy):
+            self.busy.add(target)
+        if isinstance(failure.value, NodeHasNewerMap):
+            self.stale.append(failure.value)
+        self.quorum.add(target, _reply_kind(failure))
+        self.landed()
+
+    def stands(self, final: bool) -> None:
+        """Say whether this write is the one that counts (a one-round try)."""
+        self.verdict = final
+        self.landed()
+
+    def landed(self) -> None:
+        if self.sending:
+            return
+        quorum = self.quorum
+        if not self.done.called and quorum.outcome() is not None:
+            self.done.callback(None)
+        if self.verdict and not self.hinted and quorum.complete:
+            self.hinted = True
+            # A replica that refused this write holds a newer version: it
+            # needs no hint of this one.
+            for target in self.refusals:
+                quorum.replies[target] = Reply.OK
+            c = self.coordinator
+            c.hints.missed(self.key, self.record, quorum, self.preference, self.n)
+
+
 class Coordinator:
     def __init__(
         self,
@@ -320,6 +481,14 @@ class Coordinator:
         """Reads whose hedge fired (spares asked because the first R were slow)."""
         self.reads_of_all = 0
         """Reads that asked all N (the read-all share, or a move)."""
+        self.seen = SeenCounters()
+        """The newest version counter seen per key: one-round writes mint past it."""
+        self.one_round = True
+        """Whether writes that may (L{_in_one_round}) skip the version read."""
+        self.one_round_retries = 0
+        """One-round tries sent again with a newer version after refusals."""
+        self.one_round_fallbacks = 0
+        """One-round writes that fell back to reading the version first."""
 
     @property
     def repairs(self) -> int:
@@ -419,7 +588,10 @@ class Coordinator:
             read.cancel()
             raise
         if quorum.outcome() is Outcome.OK:
-            return quorum.newest()
+            newest = quorum.newest()
+            if newest is not None:
+                self.seen.saw(key, newest.version)
+            return newest
         raise self._read_error(quorum, r, read.busy)
 
     def _hedge_order(self, up: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
@@ -487,9 +659,12 @@ class Coordinator:
     ) -> WriteResult:
         async def run(p: Placement) -> WriteResult:
             n, r, w = self.quorum_sizes(c, p)
+            if self._in_one_round(key, pre, c, n, w, p):
+                return await self._write_one_round(key, value, content_type, c, n, w, p)
             current = await self._version_read(key, n, r, p)
             record, result = next_value(current, pre, self.versions, value, content_type)
             await self._replicate(key, record, n, w, c.sloppy, p)
+            self.seen.saw(key, record.version)
             return result
 
         return await self._at_epoch(run, write=True)
@@ -500,9 +675,122 @@ class Coordinator:
             current = await self._version_read(key, n, r, p)
             record = next_tombstone(key, current, pre, self.versions)
             await self._replicate(key, record, n, w, c.sloppy, p)
+            self.seen.saw(key, record.version)
             return record.version
 
         return await self._at_epoch(run, write=True)
+
+    def _in_one_round(
+        self, key: str, pre: Precondition, c: Consistency, n: int, w: int, p: Placement
+    ) -> bool:
+        """May this write skip the version read (see L{_write_one_round})?
+
+        Only when any two write quorums of its key intersect (2W > N, and a
+        hinted copy does not count: not ``sloppy``), it has no precondition
+        (If-Match and If-None-Match are checked against what the read finds),
+        and its key is not moving: while a move writes to two replica sets
+        (W in each), two writes' quorums need not share a replica of either set
+        at the boundary of two epochs, and the read-first path is what the
+        membership argument covers. A write that names its R (``?r=``) reads
+        with it, as it always did. (Deletes always read: a delete of a missing
+        key answers 404.)
+        """
+        if not self.one_round or c.sloppy or c.r is not None or 2 * w <= n:
+            return False
+        if not _unconditional(pre):
+            return False
+        if len(p.write_rings) == 1:
+            return True
+        first, *others = p.write_sets(key, n)
+        return all(set(s) == set(first) for s in others)
+
+    async def _write_one_round(
+        self,
+        key: str,
+        value: bytes,
+        content_type: str,
+        c: Consistency,
+        n: int,
+        w: int,
+        p: Placement,
+    ) -> WriteResult:
+        """A write that sends a tentative version at once instead of reading first.
+
+        The version is one past the newest this proxy saw for the key
+        (L{SeenVersions}; counter 1 if it saw none). Each replica applies it
+        only if it is newer than what it holds, and says what it held. The
+        write is acknowledged once W replicas applied it. If fewer did and some
+        refused with a newer version, it is sent again to all, one past the
+        newest refusal, at most L{ONE_ROUND_ATTEMPTS} times in all; then (or if
+        the map changed, or a node could not say what it held) it falls back
+        to reading the version first.
+
+        Why a write that starts after an acknowledged one still gets a larger
+        version: the two writes' quorums are W of the key's N replicas each,
+        so with 2W > N they share a replica. That replica holds the
+        acknowledged version (versions on a replica never go back) and refuses
+        a smaller one, so this write cannot reach W with a smaller version. A
+        losing try that a few replicas applied carries this write's own value
+        and is overwritten by its next try (or the fallback), with a larger
+        version; until then no quorum read returns it, since every read
+        quorum meets the acknowledged write's. Because a try may be on some
+        replicas, a failure after it is reported "unknown", never "not_applied".
+
+        ``created`` (201): no record was live before this write. Every
+        replica's answer says what it held before it; by the same intersection
+        one of the acknowledging replicas held the newest acknowledged write
+        (or something newer), so the newest record any answer reports
+        (refusals included, this write's own tries excluded) says whether the
+        key existed, as the read-first path's newest record does.
+        """
+        tally = _Tentative()
+        version = self.versions.mint_after(self.seen.get(key))
+        stale: list[NodeHasNewerMap] = []
+        try:
+            for attempt in range(ONE_ROUND_ATTEMPTS):
+                record = Record(version, value, content_type)
+                tally.minted.add(version)
+                write = await self._send_write(key, record, n, w, False, p, stale, tally)
+                if write.quorum.outcome() is Outcome.OK:
+                    write.stands(True)
+                    self.seen.saw(key, version)
+                    return WriteResult(version, created=tally.created())
+                refused, tally.refused = tally.refused, None
+                if write.quorum.outcome() is Outcome.UNKNOWN:
+                    tally.maybe_applied = True
+                done_trying = refused is None and not stale and not tally.blind
+                if done_trying or (stale and not tally.maybe_applied):
+                    # Failed as any write fails (no replica holds a newer
+                    # version), or refused for its epoch and applied nowhere:
+                    # then L{_at_epoch} runs it again at the new map.
+                    write.stands(True)
+                    raise self._write_error(write, w)
+                write.stands(False)
+                if refused is None or stale or tally.blind:
+                    break
+                self.seen.saw(key, refused)
+                if attempt + 1 < ONE_ROUND_ATTEMPTS:
+                    self.one_round_retries += 1
+                    version = self.versions.mint(refused)
+            self.one_round_fallbacks += 1
+            if stale:  # and a try may be on some replicas: read, then write, at the new map
+                if self.view.epoch == p.epoch:
+                    await self.view.settled()
+                if self.view.epoch != p.epoch:
+                    self._epoch_retries.inc()
+                p = self.view.placement
+                n, r, w = self.quorum_sizes(c, p)
+            else:
+                r = self.quorum_sizes(c, p).r
+            current = await self._version_read(key, n, r, p)
+            if current is not None and current.version not in tally.minted:
+                tally.note(current.version, not current.tombstone)
+            record, _ = next_value(current, Precondition(), self.versions, value, content_type)
+            await self._replicate(key, record, n, w, False, p)
+        except QuorumUnavailable as e:
+            raise tally.honest(e) from None
+        self.seen.saw(key, record.version)
+        return WriteResult(record.version, created=tally.created())
 
     async def _version_read(self, key: str, n: int, r: int, p: Placement) -> Record | None:
         """A write's first step; if it fails, nothing was written."""
@@ -553,6 +841,27 @@ class Coordinator:
         p: Placement,
         stale: list[NodeHasNewerMap],
     ) -> None:
+        write = await self._send_write(key, record, n, w, sloppy, p, stale)
+        if write.quorum.outcome() is not Outcome.OK:
+            raise self._write_error(write, w)
+
+    async def _send_write(
+        self,
+        key: str,
+        record: Record,
+        n: int,
+        w: int,
+        sloppy: bool,
+        p: Placement,
+        stale: list[NodeHasNewerMap],
+        tally: _Tentative | None = None,
+    ) -> _Write:
+        """Send ``record`` to its targets; the write once its quorum decided.
+
+        Raises before sending anything when W cannot be had (too many targets
+        down, or busy: L{_admit}). With a ``tally`` (a one-round write) a
+        replica's refusal is not an acknowledgement, and the answers feed it.
+        """
         sets = p.write_sets(key, n)
         quorum: AnyWriteQuorum
         if len(sets) > 1 and any(set(s) != set(sets[0]) for s in sets[1:]):
@@ -580,32 +889,24 @@ class Coordinator:
                 down=down,
             )
         self._admit(quorum, targets, w, write_cost(key, record))
-        busy: set[Target] = set()
-        decided, check = _first(lambda: quorum.outcome() is not None)
-
-        def landed() -> None:
-            check()
-            if quorum.complete:
-                self.hints.missed(key, record, quorum, preference, n)
-
+        write = _Write(self, key, record, quorum, preference, n, stale, tally)
+        put = self.replica_client.replica_write
         for target in targets:
-            call = self.replica_client.replica_put(
-                target.node, key, record, target.hint_for, epoch=p.epoch
-            )
-            call.addCallbacks(
-                self._write_ok,
-                self._write_failed,
-                callbackArgs=(quorum, target, landed),
-                errbackArgs=(quorum, target, landed, busy, stale),
-            )
-        check()
-        await decided
+            call = put(target.node, key, record, target.hint_for, epoch=p.epoch)
+            call.addCallbacks(write.ok, write.failed, callbackArgs=(target,), errbackArgs=(target,))
+        write.sending = False
+        write.landed()
+        await write.done
+        return write
+
+    @staticmethod
+    def _write_error(write: _Write, w: int) -> QuorumUnavailable:
+        """Why ``write`` (decided, not OK) failed, and whether it may have been applied."""
+        quorum, busy = write.quorum, write.busy
         outcome = quorum.outcome()
-        if outcome is Outcome.OK:
-            return
         counts = {"acks": quorum.acks, "required": w}
         if outcome is Outcome.FAILED and busy and busy.issuperset(quorum.replies):
-            raise Overloaded(
+            return Overloaded(
                 f"only {quorum.acks} of the {w} replicas needed had room for the write; "
                 "nothing was written, try again shortly",
                 **counts,
@@ -613,30 +914,25 @@ class Coordinator:
                 busy=sorted({t.node for t in busy}),
             )
         if outcome is Outcome.FAILED:
-            raise QuorumUnavailable(
+            return QuorumUnavailable(
                 f"only {quorum.acks} of the {w} replicas needed acknowledged; "
                 "the write was not applied",
                 **counts,
                 outcome="not_applied",
             )
         if any(reply is Reply.UNKNOWN for reply in quorum.replies.values()):
-            raise QuorumTimeout(
+            return QuorumTimeout(
                 f"only {quorum.acks} of the {w} replicas needed acknowledged in time; "
                 "the write may or may not have been applied",
                 **counts,
                 outcome="unknown",
             )
-        raise QuorumUnavailable(
+        return QuorumUnavailable(
             f"only {quorum.acks} of the {w} replicas needed acknowledged; the write "
             "is on some replicas and may still become visible",
             **counts,
             outcome="unknown",
         )
-
-    @staticmethod
-    def _write_ok(_: bool, quorum: WriteQuorum, target: Target, landed: Any) -> None:
-        quorum.add(target, Reply.OK)
-        landed()
 
     def _admit(self, quorum: AnyWriteQuorum, targets: list[Target], w: int, size: int) -> None:
         """Refuse the write, before anything is sent, unless W targets have room for it."""
@@ -667,20 +963,3 @@ class Coordinator:
             outcome="not_applied",
             busy=nodes,
         )
-
-    def _write_failed(
-        self,
-        failure: Failure,
-        quorum: WriteQuorum,
-        target: Target,
-        landed: Any,
-        busy: set[Target],
-        stale: list[NodeHasNewerMap],
-    ) -> None:
-        self.health.call_failed(target.node, failure.value)
-        if isinstance(failure.value, NodeBusy):
-            busy.add(target)
-        if isinstance(failure.value, NodeHasNewerMap):
-            stale.append(failure.value)
-        quorum.add(target, _reply_kind(failure))
-        landed()
