@@ -181,7 +181,10 @@ class HTTPMetrics:
 
 
 def _outcome(failure: Failure) -> str:
-    error = failure.value
+    return _outcome_of(failure.value)
+
+
+def _outcome_of(error: BaseException | None) -> str:
     if isinstance(error, NodeBusy):
         return "busy"
     if isinstance(error, NodeTimeout):
@@ -223,6 +226,26 @@ class _NodeOps:
         else:
             self.put_outcomes["ok"].inc()
         return result
+
+    # The same counts for a caller answered by plain calls, not a Deferred
+    # (L{shardkv.replica.client.ReplicaClient.get_into}).
+
+    def got_record(self, found: bool, started: float) -> None:
+        self.get_seconds.observe(now() - started)
+        self.get_outcomes["ok" if found else "not_found"].inc()
+
+    def put_ok(self, started: float) -> None:
+        self.put_seconds.observe(now() - started)
+        self.put_outcomes["ok"].inc()
+
+    def failed(self, op: str, error: BaseException, started: float) -> None:
+        """A read (``op`` "get") or write ("put") that failed with ``error``."""
+        if op == "get":
+            self.get_seconds.observe(now() - started)
+            self.get_outcomes[_outcome_of(error)].inc()
+        else:
+            self.put_seconds.observe(now() - started)
+            self.put_outcomes[_outcome_of(error)].inc()
 
 
 class PipelineMeter:

@@ -90,16 +90,16 @@ from shardkv.metrics import ProxyMetrics, counter_value
 from shardkv.proxy.health import HealthMonitor
 from shardkv.proxy.hints import HintKeeper
 from shardkv.replica import codec
-from shardkv.replica.client import ReplicaClient, write_cost
+from shardkv.replica.client import Cancellable, ReplicaClient, write_cost
 
 DEFAULT_SIZES = QuorumSizes(n=3, r=2, w=2)
 
 _T = TypeVar("_T")
 
 
-def _reply_kind(failure: Failure) -> Reply:
+def _reply_kind(error: BaseException) -> Reply:
     """May the failed call have been applied? Only if it was sent and not answered."""
-    if isinstance(failure.value, ReplicaCallFailed) and failure.value.sent:
+    if isinstance(error, ReplicaCallFailed) and error.sent:
         return Reply.UNKNOWN
     return Reply.FAILED
 
@@ -161,7 +161,7 @@ class _Read:
         self.epoch = epoch
         self.done: Deferred[None] = Deferred()
         self.busy: set[str] = set()
-        self.calls: list[Deferred[Record | None]] = []
+        self.calls: list[Cancellable] = []
         self.spares: list[tuple[str, bool]] = []
         self.waiting: set[str] = set()
         """Replicas asked that have not answered yet."""
@@ -194,14 +194,10 @@ class _Read:
         self.waiting.add(node)
         if counts:
             self.potential += 1
-        call = c.replica_client.replica_get(node, self.key, epoch=self.epoch)
-        call.addCallbacks(
-            self.ok,
-            self.failed,
-            callbackArgs=(node, counts, c.clock.seconds()),
-            errbackArgs=(node, counts),
+        tag = (node, counts, c.clock.seconds())
+        self.calls.append(
+            c.replica_client.get_into(node, self.key, self.epoch, self.ok, self.failed, tag)
         )
-        self.calls.append(call)
 
     def top_up(self) -> None:
         """Ask spares, in order, until R counting answers can come from replicas asked."""
@@ -226,7 +222,8 @@ class _Read:
         spares, self.spares = self.spares, []
         self.ask_all(spares)
 
-    def ok(self, record: Record | None, node: str, counts: bool, started: float) -> None:
+    def ok(self, record: Record | None, tag: tuple[str, bool, float]) -> None:
+        node, counts, started = tag
         c = self.coordinator
         self.outstanding -= 1
         self.waiting.discard(node)
@@ -238,16 +235,17 @@ class _Read:
         self.quorum.add(node, record, counts=counts)
         self.landed()
 
-    def failed(self, failure: Failure, node: str, counts: bool) -> None:
+    def failed(self, error: BaseException, tag: tuple[str, bool, float]) -> None:
+        node, counts, _ = tag
         c = self.coordinator
         self.outstanding -= 1
         self.waiting.discard(node)
         if counts:
             self.potential -= 1
-        c.health.call_failed(node, failure.value)
-        if isinstance(failure.value, NodeBusy):
+        c.health.call_failed(node, error)
+        if isinstance(error, NodeBusy):
             self.busy.add(node)
-        self.quorum.fail(node, _reply_kind(failure))
+        self.quorum.fail(node, _reply_kind(error))
         self.top_up()
 
     def landed(self) -> None:
@@ -407,14 +405,14 @@ class _Write:
         self.quorum.add(target, reply)
         self.landed()
 
-    def failed(self, failure: Failure, target: Target) -> None:
+    def failed(self, error: BaseException, target: Target) -> None:
         c = self.coordinator
-        c.health.call_failed(target.node, failure.value)
-        if isinstance(failure.value, NodeBusy):
+        c.health.call_failed(target.node, error)
+        if isinstance(error, NodeBusy):
             self.busy.add(target)
-        if isinstance(failure.value, NodeHasNewerMap):
-            self.stale.append(failure.value)
-        self.quorum.add(target, _reply_kind(failure))
+        if isinstance(error, NodeHasNewerMap):
+            self.stale.append(error)
+        self.quorum.add(target, _reply_kind(error))
         self.landed()
 
     def stands(self, final: bool) -> None:
@@ -890,10 +888,9 @@ class Coordinator:
             )
         self._admit(quorum, targets, w, write_cost(key, record))
         write = _Write(self, key, record, quorum, preference, n, stale, tally)
-        put = self.replica_client.replica_write
+        put = self.replica_client.write_into
         for target in targets:
-            call = put(target.node, key, record, target.hint_for, epoch=p.epoch)
-            call.addCallbacks(write.ok, write.failed, callbackArgs=(target,), errbackArgs=(target,))
+            put(target.node, key, record, target.hint_for, p.epoch, write.ok, write.failed, target)
         write.sending = False
         write.landed()
         await write.done

@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 import treq
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import (
     RequestNotSent,
     RequestTransmissionFailed,
@@ -103,6 +104,12 @@ _NOT_SENT = (
     neterror.NoRouteError,
     RequestNotSent,
 )
+_BROKEN = (
+    ResponseNeverReceived,
+    ResponseFailed,
+    RequestTransmissionFailed,
+    neterror.ConnectionLost,
+)
 
 
 DEFAULT_NODE_INFLIGHT_BYTES = 32 << 20
@@ -146,6 +153,106 @@ def _cancelled(exc: BaseException) -> bool:
         return True
     reasons = getattr(exc, "reasons", None) or []
     return any(r.check(CancelledError) for r in reasons)
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> object: ...
+
+
+def _failed_to(failure: Failure, failed: Callable[[BaseException, Any], object], tag: Any) -> None:
+    failed(cast(BaseException, failure.value), tag)
+
+
+class _Then:
+    """Where one pipelined operation's outcome goes (L{ReplicaClient.get_into},
+    L{ReplicaClient.write_into}): the caller's functions and tag, and what the
+    client needs to finish it (its node, latency start, bytes to release)."""
+
+    __slots__ = ("epoch", "failed", "key", "node", "ok", "size", "started", "tag")
+
+    def __init__(
+        self,
+        node: str,
+        key: str,
+        epoch: int | None,
+        started: float,
+        ok: Callable[[Any, Any], object],
+        failed: Callable[[BaseException, Any], object],
+        tag: Any,
+        size: int,
+    ) -> None:
+        self.node = node
+        self.key = key
+        self.epoch = epoch
+        self.started = started
+        self.ok = ok
+        self.failed = failed
+        self.tag = tag
+        self.size = size
+
+
+class _Exchange:
+    """One HTTP exchange with a node: its deadline, its answer, its failures sorted.
+
+    A chain of callbacks on treq's Deferred with one timer, rather than a
+    coroutine wrapped in ``addTimeout`` (a Deferred, three closures and a
+    timer): every replica call and every batch takes this path. Failures are
+    sorted by what the caller may conclude (see the module docstring): not
+    sent, sent and broken, timed out (L{NodeTimeout}), or cancelled from above
+    (a bare CancelledError).
+    """
+
+    __slots__ = ("client", "d", "node", "response", "seconds", "timed_out", "timer")
+
+    def __init__(
+        self, client: ReplicaClient, node: str, seconds: float, requested: Deferred[Any]
+    ) -> None:
+        self.client = client
+        self.node = node
+        self.seconds = seconds
+        self.timed_out = False
+        self.response: Any = None
+        self.d = requested
+        self.timer = client.clock.callLater(seconds, self._time_out)
+        requested.addCallback(self._body)
+        requested.addCallbacks(self._answered, self._failed)
+
+    def _time_out(self) -> None:
+        self.timed_out = True
+        self.d.cancel()
+
+    def _body(self, response: Any) -> Deferred[bytes]:
+        self.response = response
+        body: Deferred[bytes] = treq.content(response)
+        return body
+
+    def _answered(self, body: bytes) -> tuple[int, Any, bytes]:
+        if self.timer.active():
+            self.timer.cancel()
+        response = self.response
+        headers = response.headers
+        hook = self.client.newer_epoch
+        if hook is not None:
+            notice = headers.getRawHeaders(MAP_EPOCH_HEADER)
+            if notice and notice[0].isdigit():
+                hook(self.node, int(notice[0]))
+        return response.code, headers, body
+
+    def _failed(self, failure: Failure) -> Failure:
+        if self.timer.active():
+            self.timer.cancel()
+        e, node = failure.value, self.node
+        if isinstance(e, _NOT_SENT):
+            raise NodeUnreachable(node, str(e) or type(e).__name__, sent=False)
+        if isinstance(e, _BROKEN):
+            if self.timed_out:
+                raise NodeTimeout(node, self.seconds)
+            if _cancelled(e):
+                raise CancelledError()
+            raise NodeUnreachable(node, "the connection broke mid-request", sent=True)
+        if isinstance(e, CancelledError) and self.timed_out:
+            raise NodeTimeout(node, self.seconds)
+        return failure
 
 
 class ReplicaClient:
@@ -228,7 +335,7 @@ class ReplicaClient:
     def _new_pipeline(self, node: str, kind: str, epoch: int | None) -> NodePipeline:
         return NodePipeline(
             node,
-            lambda n, ops: Deferred.fromCoroutine(self.send_batch(n, ops, epoch)),
+            lambda n, ops: self._send_batch(n, ops, epoch),
             self._clock,
             self.timeout,
             self.pipeline_depth,
@@ -287,28 +394,42 @@ class ReplicaClient:
         self, node: str, ops: Sequence[codec.Op], epoch: int | None = None
     ) -> list[codec.Result]:
         """Send ``ops`` as one ``POST /replica/batch``; one result per operation."""
-        return await self._send_ops(node, BATCH_PATH, ops, epoch)
+        return await self._send_batch(node, ops, epoch)
+
+    def _send_batch(
+        self, node: str, ops: Sequence[codec.Op], epoch: int | None
+    ) -> Deferred[list[codec.Result]]:
+        """L{send_batch} as a plain Deferred chain: what a pipeline sends each batch with."""
+        d = self._exchange(
+            node,
+            "POST",
+            BATCH_PATH,
+            data=codec.encode_request(ops),
+            headers=epoch_headers(epoch, _JSON),
+        )
+        return d.addCallback(self._batch_answer, node, len(ops))
 
     async def send_stream(
         self, node: str, ops: Sequence[codec.PutOp], epoch: int | None
     ) -> list[codec.Result]:
         """Send a move's copies as one ``POST /replica/stream``; one result per record."""
-        return await self._send_ops(node, STREAM_PATH, ops, epoch)
-
-    async def _send_ops(
-        self, node: str, path: str, ops: Sequence[codec.Op], epoch: int | None
-    ) -> list[codec.Result]:
-        status, _, body = await self._call(
+        answer = await self._exchange(
             node,
             "POST",
-            path,
+            STREAM_PATH,
             data=codec.encode_request(ops),
             headers=epoch_headers(epoch, _JSON),
         )
+        return self._batch_answer(answer, node, len(ops))
+
+    def _batch_answer(
+        self, answer: tuple[int, Any, bytes], node: str, count: int
+    ) -> list[codec.Result]:
+        status, _, body = answer
         if status != 200:
             raise self._node_error(node, status, body)
         try:
-            return codec.decode_response(body, len(ops))
+            return codec.decode_response(body, count)
         except codec.BatchError as e:
             raise BadReplicaAnswer(node, f"node {node} sent a bad batch: {e}") from None
 
@@ -320,57 +441,28 @@ class ReplicaClient:
         self, node: str, method: str, path: str, timeout: float | None = None, **kwargs: Any
     ) -> tuple[int, Any, bytes]:
         """One exchange with ``node`` within ``timeout`` seconds (default: the client's)."""
+        return await self._exchange(node, method, path, timeout, **kwargs)
+
+    def _exchange(
+        self, node: str, method: str, path: str, timeout: float | None = None, **kwargs: Any
+    ) -> Deferred[tuple[int, Any, bytes]]:
+        """L{_call} as a Deferred of (status, headers, body): see L{_Exchange}."""
         seconds = self.timeout if timeout is None else timeout
         try:
             url = f"{self._urls.get(node, f'http://{node}')}{path}".encode("ascii")
         except UnicodeEncodeError:
-            raise NodeUnreachable(node, "the address is not ASCII", sent=False) from None
-
-        async def exchange() -> tuple[int, Any, bytes]:
+            return fail(NodeUnreachable(node, "the address is not ASCII", sent=False))
+        try:
             # A node never redirects, and the body is read at once: skip
             # treq's redirect and buffering wrappers on this hot path.
-            try:
-                requested = self._http.request(
-                    method, url, allow_redirects=False, unbuffered=True, **kwargs
-                )
-            except ValueError as e:  # a host no URL can name (IDNA), so nothing was sent
-                raise NodeUnreachable(node, f"not a usable address: {e}", sent=False) from None
-            response = await requested
-            body = await treq.content(response)
-            return response.code, response.headers, body
-
-        timed_out = []
-
-        def on_timeout(result: Any, timeout: float) -> Any:
-            timed_out.append(True)
-            return result
-
-        d = Deferred.fromCoroutine(exchange())
-        d.addTimeout(seconds, self._clock, on_timeout)
-        try:
-            answer = await d
-        except _NOT_SENT as e:
-            raise NodeUnreachable(node, str(e) or type(e).__name__, sent=False) from None
-        except (
-            ResponseNeverReceived,
-            ResponseFailed,
-            RequestTransmissionFailed,
-            neterror.ConnectionLost,
-        ) as e:
-            if timed_out:
-                raise NodeTimeout(node, seconds) from None
-            if _cancelled(e):
-                raise CancelledError() from None
-            raise NodeUnreachable(node, "the connection broke mid-request", sent=True) from None
-        except CancelledError:
-            if timed_out:
-                raise NodeTimeout(node, seconds) from None
-            raise
-        if self.newer_epoch is not None:
-            notice = answer[1].getRawHeaders(MAP_EPOCH_HEADER)
-            if notice and notice[0].isdigit():
-                self.newer_epoch(node, int(notice[0]))
-        return answer
+            requested = self._http.request(
+                method, url, allow_redirects=False, unbuffered=True, **kwargs
+            )
+        except ValueError as e:  # a host no URL can name (IDNA), so nothing was sent
+            return fail(NodeUnreachable(node, f"not a usable address: {e}", sent=False))
+        except Exception:
+            return fail()
+        return _Exchange(self, node, seconds, requested).d
 
     def _node_error(self, node: str, status: int, body: bytes) -> ReplicaCallFailed:
         try:
@@ -419,6 +511,99 @@ class ReplicaClient:
         if result.inline:
             return result.record
         return Deferred.fromCoroutine(self._replica_get_alone(node, key, epoch))
+
+    def get_into(
+        self,
+        node: str,
+        key: str,
+        epoch: int | None,
+        ok: Callable[[Record | None, Any], object],
+        failed: Callable[[BaseException, Any], object],
+        tag: Any,
+    ) -> Cancellable:
+        """L{replica_get}, answered by a call of ``ok(record, tag)`` or
+        ``failed(error, tag)`` instead of a Deferred; returns what cancels it.
+
+        The coordinator's reads take this path: on a pipeline, a batch's answer
+        reaches the read's quorum in two plain calls (L{NodePipeline.submit_to}),
+        where a Deferred per operation with its callbacks cost several times
+        that. A cancelled read is not called back.
+        """
+        started = now()
+        pipeline = self._pipeline(node, "read", epoch)
+        if pipeline is None:
+            d = Deferred.fromCoroutine(self._replica_get_alone(node, key, epoch))
+            d.addBoth(self.metrics.node(node).got, started)
+            d.addCallbacks(ok, _failed_to, callbackArgs=(tag,), errbackArgs=(failed, tag))
+            return d
+        then = _Then(node, key, epoch, started, ok, failed, tag, 0)
+        return pipeline.submit_to(codec.GetOp(key), self._got_into, then)
+
+    def _got_into(self, outcome: codec.Result | BaseException, then: _Then) -> None:
+        ops = self.metrics.node(then.node)
+        if isinstance(outcome, codec.Result):
+            status = outcome.status
+            if status == 200 and not outcome.inline:
+                d = Deferred.fromCoroutine(self._replica_get_alone(then.node, then.key, then.epoch))
+                d.addBoth(ops.got, then.started)
+                d.addCallbacks(
+                    then.ok,
+                    _failed_to,
+                    callbackArgs=(then.tag,),
+                    errbackArgs=(then.failed, then.tag),
+                )
+                return
+            if status == 200 or status == 404:
+                record = outcome.record if status == 200 else None
+                ops.got_record(record is not None, then.started)
+                then.ok(record, then.tag)
+                return
+            outcome = self._result_error(then.node, outcome)
+        ops.failed("get", outcome, then.started)
+        then.failed(outcome, then.tag)
+
+    def write_into(
+        self,
+        node: str,
+        key: str,
+        record: Record,
+        hint_for: str | None,
+        epoch: int | None,
+        ok: Callable[[codec.Result, Any], object],
+        failed: Callable[[BaseException, Any], object],
+        tag: Any,
+    ) -> None:
+        """L{replica_write}, answered by a call of ``ok(result, tag)`` or
+        ``failed(error, tag)`` instead of a Deferred: the coordinator's writes
+        (see L{get_into}). L{NodeBusy} comes at once, nothing sent."""
+        started = now()
+        size = write_cost(key, record)
+        busy = self._admit(node, size)
+        if busy is not None:
+            self.metrics.node(node).failed("put", busy, started)
+            failed(busy, tag)
+            return
+        pipeline = self._pipeline(node, "write", epoch)
+        if pipeline is None or not codec.fits(record):
+            d = Deferred.fromCoroutine(self._replica_put_alone(node, key, record, hint_for, epoch))
+            d.addBoth(self._release, node, size)
+            d.addBoth(self.metrics.node(node).put, started)
+            d.addCallbacks(ok, _failed_to, callbackArgs=(tag,), errbackArgs=(failed, tag))
+            return
+        then = _Then(node, key, epoch, started, ok, failed, tag, size)
+        pipeline.submit_to(codec.PutOp(key, record, hint_for), self._put_into, then)
+
+    def _put_into(self, outcome: codec.Result | BaseException, then: _Then) -> None:
+        self.inflight_bytes[then.node] -= then.size
+        ops = self.metrics.node(then.node)
+        if isinstance(outcome, codec.Result):
+            if outcome.status == 200:
+                ops.put_ok(then.started)
+                then.ok(outcome, then.tag)
+                return
+            outcome = self._result_error(then.node, outcome)
+        ops.failed("put", outcome, then.started)
+        then.failed(outcome, then.tag)
 
     async def _replica_get_alone(self, node: str, key: str, epoch: int | None) -> Record | None:
         status, headers, body = await self._call(

@@ -11,6 +11,12 @@ Each batch that leaves is counted in the pipeline's L{PipelineMeter}, which
 its replica client keeps per node and kind across epochs (so ``/cluster``'s
 totals and ``shardkv_pipeline_batches_total`` do not restart with a new map).
 
+A batch's answer settles each operation by a plain call (L{NodePipeline.submit_to}:
+its caller's function and tag), with no Deferred per operation: at one
+connection every replica operation is a batch of one, and the chain of
+Deferreds per operation cost more than the pipeline's own work.
+L{NodePipeline.submit} wraps that in a Deferred for callers off the hot path.
+
 Every operation has its own deadline, counted from when it was submitted,
 so time spent queued behind a slow batch counts too (one timer per pipeline
 keeps them all). An operation that is
@@ -22,46 +28,82 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shardkv.errors import NodeBusy, NodeTimeout
 from shardkv.metrics import PipelineMeter
 from shardkv.replica.codec import MAX_OPS, Op, Result
 
+log = Logger(namespace="shardkv.replica.pipeline")
+
 Send = Callable[[str, Sequence[Op]], Deferred[list[Result]]]
+
+Settle = Callable[[Any, Any], object]
+"""Called once with an operation's outcome (its L{Result}, or the exception it
+failed with) and the tag its caller gave: how a batch's answer reaches the
+caller directly, with no Deferred per operation."""
 
 
 class _Pending:
-    __slots__ = ("batch", "deadline", "deferred", "done", "op", "owner", "sent")
+    """One operation, queued or sent; what its caller holds to cancel it."""
 
-    def __init__(self, op: Op, owner: NodePipeline, deadline: float) -> None:
+    __slots__ = ("batch", "deadline", "done", "op", "owner", "sent", "settle_to", "tag")
+
+    def __init__(
+        self, op: Op, owner: NodePipeline, deadline: float, settle_to: Settle, tag: Any
+    ) -> None:
         self.op = op
         self.owner = owner
         self.deadline = deadline
-        self.deferred: Deferred[Result] = Deferred(self._cancel)
+        self.settle_to = settle_to
+        self.tag = tag
         self.sent = False
         self.done = False
         self.batch: _Batch | None = None
 
-    def _cancel(self, _: Deferred[Result]) -> None:
+    def cancel(self) -> None:
+        """The caller gave up: never send it (if queued), ignore its answer (if
+        sent), and cancel its batch once nobody waits for any of it."""
         if not self.done:
             self.done = True
             self.owner._settled()
         if self.batch is not None:
             self.batch.abandoned_by(self)
 
-    def settle(self, outcome: Result | Failure) -> None:
+    def settle(self, outcome: Result | BaseException) -> None:
         if self.done:
             return
         self.done = True
         self.owner._settled()
-        if isinstance(outcome, Failure):
-            self.deferred.errback(outcome)
-        else:
-            self.deferred.callback(outcome)
+        try:
+            self.settle_to(outcome, self.tag)
+        except Exception:
+            # A caller's bug must not strand the other operations of its batch.
+            log.failure("settling a replica operation")
+
+
+class _Refused:
+    """What L{NodePipeline.submit_to} returns for an operation it refused at once."""
+
+    __slots__ = ()
+
+    def cancel(self) -> None:
+        pass
+
+
+_REFUSED = _Refused()
+
+
+def _fire(outcome: Result | BaseException, d: Deferred[Result]) -> None:
+    if isinstance(outcome, BaseException):
+        d.errback(outcome)
+    else:
+        d.callback(outcome)
 
 
 class _Batch:
@@ -119,17 +161,29 @@ class NodePipeline:
         self._timeout = seconds
 
     def submit(self, op: Op) -> Deferred[Result]:
-        """The node's answer to ``op``, or a L{shardkv.errors.ReplicaCallFailed}."""
+        """The node's answer to ``op``, or a L{shardkv.errors.ReplicaCallFailed};
+        cancelling the Deferred cancels the operation."""
+        d: Deferred[Result] = Deferred(lambda _: handle.cancel())
+        handle = self.submit_to(op, _fire, d)
+        return d
+
+    def submit_to(self, op: Op, settle_to: Settle, tag: Any) -> _Pending | _Refused:
+        """Queue ``op``; ``settle_to(outcome, tag)`` is called once with the node's
+        L{Result} or the exception it failed with (a
+        L{shardkv.errors.ReplicaCallFailed}), unless it is cancelled first. A
+        full queue calls it at once with L{NodeBusy}. Returns what cancels it.
+        """
         if len(self._queue) >= self.max_queued:
-            return fail(NodeBusy(self.node, len(self._queue)))
-        pending = _Pending(op, self, self._clock.seconds() + self._timeout)
+            settle_to(NodeBusy(self.node, len(self._queue)), tag)
+            return _REFUSED
+        pending = _Pending(op, self, self._clock.seconds() + self._timeout, settle_to, tag)
         self._unsettled += 1
         self._by_deadline.append(pending)
         if self._timer is None and not self._sweeping:
             self._timer = self._clock.callLater(self._timeout, self._expire_due)
         self._queue.append(pending)
         self._flush()
-        return pending.deferred
+        return pending
 
     def _settled(self) -> None:
         self._unsettled -= 1
@@ -153,8 +207,8 @@ class NodePipeline:
             due = self._by_deadline
             while due and (due[0].done or due[0].deadline <= now):
                 pending = due.popleft()
-                timeout = NodeTimeout(self.node, self._timeout, sent=pending.sent)
-                pending.settle(Failure(timeout))
+                if not pending.done:
+                    pending.settle(NodeTimeout(self.node, self._timeout, sent=pending.sent))
         finally:
             self._sweeping = False
         if self._by_deadline and self._timer is None:
@@ -180,8 +234,9 @@ class NodePipeline:
     def _landed(self, outcome: list[Result] | Failure, batch: _Batch) -> None:
         self.in_flight -= 1
         if isinstance(outcome, Failure):
+            error = cast(BaseException, outcome.value)
             for pending in batch.pending:
-                pending.settle(outcome)
+                pending.settle(error)
         else:
             for pending, result in zip(batch.pending, outcome, strict=True):
                 pending.settle(result)

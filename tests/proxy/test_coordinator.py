@@ -827,8 +827,12 @@ class OverloadTests(ClusterCase):
         """
         self.use(3)
         self.assertEqual(self.now("PUT", kv("k"), b"v0").code, 201)
-        refuse = lambda node, key, record, hint_for=None, epoch=None: fail(NodeBusy(node, 10_000))  # noqa: E731
-        with mock.patch.object(self.cluster.replica_client, "replica_write", refuse):
+
+        def refuse(node: str, key: str, record: Record, *args: Any) -> None:
+            *_, failed, tag = args
+            failed(NodeBusy(node, 10_000), tag)
+
+        with mock.patch.object(self.cluster.replica_client, "write_into", refuse):
             reply = self.now("PUT", kv("k"), b"v1")
         self.assertOverloaded(
             reply, acks=0, required=2, outcome="not_applied", busy=home_replicas(self.cluster, "k")
@@ -845,16 +849,16 @@ class OverloadTests(ClusterCase):
         self.assertEqual(self.now("PUT", kv("k"), b"v0").code, 201)
         self.faults.hang_writes.add(home[0])
         client = self.cluster.replica_client
-        real_put = client.replica_write
+        real_put = client.write_into
 
-        def put(
-            node: str, key: str, record: Record, hint_for: str | None = None, epoch: Any = None
-        ) -> Any:
+        def put(node: str, key: str, record: Record, *args: Any) -> None:
             if node in home[1:]:
-                return fail(NodeBusy(node, 10_000))
-            return real_put(node, key, record, hint_for, epoch)
+                *_, failed, tag = args
+                failed(NodeBusy(node, 10_000), tag)
+                return
+            real_put(node, key, record, *args)
 
-        with mock.patch.object(client, "replica_write", put):
+        with mock.patch.object(client, "write_into", put):
             reply = self.now("PUT", kv("k"), b"v1")
         self.assertFields(reply, 503, "insufficient_replicas", acks=0, outcome="unknown")
         self.assertIsNone(reply.header("retry-after"))
@@ -867,8 +871,12 @@ class OverloadTests(ClusterCase):
         self.use(3)
         home = home_replicas(self.cluster, "k")
         self.assertEqual(self.now("PUT", kv("k"), b"v0").code, 201)
-        busy_get = lambda node, key, epoch=None: fail(NodeBusy(node, 10_000))  # noqa: E731
-        with mock.patch.object(self.cluster.replica_client, "replica_get", busy_get):
+
+        def busy_get(node: str, key: str, epoch: Any, ok: Any, failed: Any, tag: Any) -> Any:
+            failed(NodeBusy(node, 10_000), tag)
+            return mock.Mock()  # what cancels it: nothing to cancel
+
+        with mock.patch.object(self.cluster.replica_client, "get_into", busy_get):
             self.assertOverloaded(self.now("GET", kv("k")), replied=0, required=2, failed=home)
             self.down(home[0])
             reply = self.now("GET", kv("k"))
@@ -1149,6 +1157,7 @@ class OneRoundWriteTests(ClusterCase):
         old = self.versions("k", home)[0]
         assert old is not None
         coordinator.versions = MintsLow(coordinator.versions, ONE_ROUND_ATTEMPTS)  # type: ignore[assignment]
+        coordinator.read_all_fraction = 0.0  # its fallback's read asks two replicas
         reads = len(self.replica_reads("k"))
         reply = self.now("PUT", kv("k"), b"won")
         self.assertEqual(reply.code, 200)
@@ -1247,18 +1256,18 @@ class OneRoundWriteTests(ClusterCase):
         self.restart(home[0])
         http, coordinator = self.other_proxy()
         client = coordinator.replica_client
-        real = client.replica_write
+        real = client.write_into
         tries: list[str] = []
 
-        def write(
-            node: str, key: str, record: Record, hint_for: Any = None, epoch: Any = None
-        ) -> Any:
+        def write(node: str, key: str, record: Record, *args: Any) -> None:
             tries.append(node)
             if len(tries) > 3:
-                return fail(NodeUnreachable(node, "gone", sent=False))
-            return real(node, key, record, hint_for, epoch)
+                *_, failed, tag = args
+                failed(NodeUnreachable(node, "gone", sent=False), tag)
+                return
+            real(node, key, record, *args)
 
-        with mock.patch.object(client, "replica_write", write):
+        with mock.patch.object(client, "write_into", write):
             reply = http.put(kv("k"), b"lost")
         self.assertEqual(reply.error()[1], "insufficient_replicas", reply.body)
         self.assertEqual(reply.json()["outcome"], "unknown", reply.body)
@@ -1275,16 +1284,17 @@ class OneRoundWriteTests(ClusterCase):
             self.now("PUT", kv("k"), b"v%d" % i)
         http, coordinator = self.other_proxy()
         client = coordinator.replica_client
-        real = client.replica_write
+        real = client.write_into
 
-        def old_node(
-            node: str, key: str, record: Record, hint_for: Any = None, epoch: Any = None
-        ) -> Any:
-            return real(node, key, record, hint_for, epoch).addCallback(
-                lambda r: dataclasses.replace(r, held=None, live=None)
-            )
+        def old_node(node: str, key: str, record: Record, *args: Any) -> None:
+            hint_for, epoch, ok, failed, tag = args
 
-        with mock.patch.object(client, "replica_write", old_node):
+            def strip(result: Any, tag: Any) -> None:
+                ok(dataclasses.replace(result, held=None, live=None), tag)
+
+            real(node, key, record, hint_for, epoch, strip, failed, tag)
+
+        with mock.patch.object(client, "write_into", old_node):
             reply = http.put(kv("k"), b"new")
         self.assertEqual((reply.code, version_of(reply).counter), (200, 4))
         self.assertEqual((coordinator.one_round_retries, coordinator.one_round_fallbacks), (0, 1))

@@ -195,13 +195,13 @@ def test_ops_of_two_epochs_queued_together_leave_in_separate_batches() -> None:
     sent: list[tuple[int | None, list[str]]] = []
     client = ReplicaClient(None, MemoryReactorClock(), TIMEOUT, pipeline_depth=1)
 
-    async def fake(node: str, ops: Any, epoch: int | None = None) -> list[Result]:
+    def fake(node: str, ops: Any, epoch: int | None = None) -> Deferred[list[Result]]:
         sent.append((epoch, [op.key for op in ops]))
         d: Deferred[list[Result]] = Deferred()
         held.append(d)
-        return await d
+        return d
 
-    client.send_batch = fake  # type: ignore[method-assign]
+    client._send_batch = fake  # type: ignore[method-assign]
     gets = [
         client.replica_get(NODE_ID, k, epoch=e) for k, e in [("a", 1), ("b", 1), ("c", 2), ("d", 2)]
     ]
