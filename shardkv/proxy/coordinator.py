@@ -54,7 +54,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
@@ -159,7 +159,9 @@ class _Read:
         self.key = key
         self.quorum = quorum
         self.epoch = epoch
-        self.done: Deferred[None] = Deferred()
+        # Cancelled (the client hung up): stop asking. (Writes, once sent,
+        # are never cancelled, so replicas do not end up half-written.)
+        self.done: Deferred[None] = Deferred(self._cancelled)
         self.busy: set[str] = set()
         self.calls: list[Cancellable] = []
         self.spares: list[tuple[str, bool]] = []
@@ -261,7 +263,7 @@ class _Read:
             self.repaired = True
             self.coordinator._repair(self.key, self.quorum, self.epoch)
 
-    def cancel(self) -> None:
+    def _cancelled(self, _: Deferred[None]) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -364,6 +366,7 @@ class _Write:
         "quorum",
         "record",
         "refusals",
+        "ring",
         "sending",
         "stale",
         "tally",
@@ -376,7 +379,8 @@ class _Write:
         key: str,
         record: Record,
         quorum: AnyWriteQuorum,
-        preference: list[str],
+        ring: Ring,
+        preference: list[str] | None,
         n: int,
         stale: list[NodeHasNewerMap],
         tally: _Tentative | None,
@@ -385,7 +389,10 @@ class _Write:
         self.key = key
         self.record = record
         self.quorum = quorum
+        self.ring = ring
         self.preference = preference
+        """The key's whole preference list, once known (it is needed only when a
+        replica is down or missed the write)."""
         self.n = n
         self.stale = stale
         self.tally = tally
@@ -428,12 +435,16 @@ class _Write:
             self.done.callback(None)
         if self.verdict and not self.hinted and quorum.complete:
             self.hinted = True
+            if all(reply is Reply.OK for reply in quorum.replies.values()):
+                return  # nobody missed it (the common case): no hints
+            preference = self.preference
+            if preference is None:
+                preference = self.ring.preference_list(self.key, len(self.ring.nodes))
             # A replica that refused this write holds a newer version: it
             # needs no hint of this one.
-            for target in self.refusals:
-                quorum.replies[target] = Reply.OK
-            c = self.coordinator
-            c.hints.missed(self.key, self.record, quorum, self.preference, self.n)
+            self.coordinator.hints.missed(
+                self.key, self.record, quorum, preference, self.n, self.refusals
+            )
 
 
 class Coordinator:
@@ -553,7 +564,11 @@ class Coordinator:
         them fails or is slow. A share of reads (L{read_all_fraction}), and
         every read while a move runs, asks all N.
         """
-        p = placement or self.view.placement
+        return await self._start_read(key, n, r, placement or self.view.placement)
+
+    def _start_read(self, key: str, n: int, r: int, p: Placement) -> Deferred[Record | None]:
+        """L{read_record} as a Deferred (one coroutine fewer on the hottest path);
+        cancelling it stops asking (the client hung up)."""
         replicas = p.read_ring.preference_list(key, n)
         quorum = ReadQuorum(replicas, r)
         read = _Read(self, key, quorum, p.epoch)
@@ -578,19 +593,16 @@ class Coordinator:
             read.ask_all(up)
         else:
             read.start(self._hedge_order(up))
-        try:
-            await read.done
-        except CancelledError:
-            # The client hung up: stop asking. (Writes, past this point, are
-            # never cancelled, so replicas do not end up half-written.)
-            read.cancel()
-            raise
+        return read.done.addCallback(self._read_answer, read)
+
+    def _read_answer(self, _: None, read: _Read) -> Record | None:
+        quorum = read.quorum
         if quorum.outcome() is Outcome.OK:
             newest = quorum.newest()
             if newest is not None:
-                self.seen.saw(key, newest.version)
+                self.seen.saw(read.key, newest.version)
             return newest
-        raise self._read_error(quorum, r, read.busy)
+        raise self._read_error(quorum, quorum.r, read.busy)
 
     def _hedge_order(self, up: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
         """The order a hedged read asks ``up`` in: preference order, but
@@ -643,11 +655,28 @@ class Coordinator:
         self.health.call_failed(node, failure.value)
 
     async def read(self, key: str, c: Consistency) -> Record | None:
-        async def run(p: Placement) -> Record | None:
-            n, r, _ = self.quorum_sizes(c, p)
-            return await self.read_record(key, n, r, p)
+        """A client's read: the newest live record, or None.
 
-        record = await self._at_epoch(run, write=False)
+        L{_at_epoch}'s rule for reads, written out here: one coroutine per
+        read, where the general form costs three."""
+        p = self.view.placement
+        try:
+            try:
+                n, r, _ = self.quorum_sizes(c, p)
+                record = await self._start_read(key, n, r, p)
+            except QuorumUnavailable:
+                if self.view.epoch == p.epoch:
+                    await self.view.settled()  # a newer map may be on its way in
+                if self.view.epoch == p.epoch:
+                    raise
+                self._epoch_retries.inc()
+                p = self.view.placement
+                n, r, _ = self.quorum_sizes(c, p)
+                record = await self._start_read(key, n, r, p)
+        except QuorumUnavailable as e:
+            self.metrics.quorum_outcome(False, e)
+            raise
+        self._quorum_ok[False].inc()
         return None if record is None or record.tombstone else record
 
     # writes
@@ -748,7 +777,8 @@ class Coordinator:
             for attempt in range(ONE_ROUND_ATTEMPTS):
                 record = Record(version, value, content_type)
                 tally.minted.add(version)
-                write = await self._send_write(key, record, n, w, False, p, stale, tally)
+                write = self._start_write(key, record, n, w, False, p, stale, tally)
+                await write.done
                 if write.quorum.outcome() is Outcome.OK:
                     write.stands(True)
                     self.seen.saw(key, version)
@@ -839,11 +869,12 @@ class Coordinator:
         p: Placement,
         stale: list[NodeHasNewerMap],
     ) -> None:
-        write = await self._send_write(key, record, n, w, sloppy, p, stale)
+        write = self._start_write(key, record, n, w, sloppy, p, stale)
+        await write.done
         if write.quorum.outcome() is not Outcome.OK:
             raise self._write_error(write, w)
 
-    async def _send_write(
+    def _start_write(
         self,
         key: str,
         record: Record,
@@ -854,29 +885,39 @@ class Coordinator:
         stale: list[NodeHasNewerMap],
         tally: _Tentative | None = None,
     ) -> _Write:
-        """Send ``record`` to its targets; the write once its quorum decided.
+        """Send ``record`` to its targets; ``done`` on the write fires once its
+        quorum decided. (Not a coroutine: the caller awaits ``done``, one
+        coroutine fewer per write.)
 
         Raises before sending anything when W cannot be had (too many targets
         down, or busy: L{_admit}). With a ``tally`` (a one-round write) a
         replica's refusal is not an acknowledgement, and the answers feed it.
         """
-        sets = p.write_sets(key, n)
         quorum: AnyWriteQuorum
-        if len(sets) > 1 and any(set(s) != set(sets[0]) for s in sets[1:]):
+        ring = p.write_rings[-1]
+        sets = p.write_sets(key, n) if len(p.write_rings) > 1 else None
+        preference: list[str] | None = None
+        if sets is not None and any(set(s) != set(sets[0]) for s in sets[1:]):
             quorum = JointWriteQuorum(sets, w)
             targets = list(quorum.targets)
-            current = p.write_rings[-1].preference_list(key, len(p.write_rings[-1].nodes))
+            current = ring.preference_list(key, len(ring.nodes))
             preference = current + [t.node for t in targets if t.node not in current]
             down = [t.node for t in targets if self.health.is_down(t.node)]
             for node in down:
                 quorum.add(Target(node), Reply.FAILED)
             targets = [t for t in targets if t.node not in down]
         else:
-            ring = p.write_rings[-1]
-            preference = ring.preference_list(key, len(ring.nodes))
-            targets = replica_targets(preference, n, self.health.is_down)
+            # The whole preference list only when a home replica is down (its
+            # stand-in comes from further along) or, later, for hints.
+            is_down = self.health.is_down
+            home = ring.preference_list(key, n)
+            down = [node for node in home if is_down(node)]
+            if down:
+                preference = ring.preference_list(key, len(ring.nodes))
+                targets = replica_targets(preference, n, is_down)
+            else:
+                targets = [Target(node) for node in home]
             quorum = WriteQuorum(targets, w, sloppy)
-            down = [node for node in preference[:n] if self.health.is_down(node)]
         if not quorum.reachable():
             raise QuorumUnavailable(
                 f"W={w} replicas are needed but {', '.join(down)} "
@@ -887,13 +928,12 @@ class Coordinator:
                 down=down,
             )
         self._admit(quorum, targets, w, write_cost(key, record))
-        write = _Write(self, key, record, quorum, preference, n, stale, tally)
+        write = _Write(self, key, record, quorum, ring, preference, n, stale, tally)
         put = self.replica_client.write_into
         for target in targets:
             put(target.node, key, record, target.hint_for, p.epoch, write.ok, write.failed, target)
         write.sending = False
         write.landed()
-        await write.done
         return write
 
     @staticmethod

@@ -15,12 +15,14 @@ holder (``shardkv_hints_queued_total``), each one a node took
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from shardkv.cluster.view import MapView
 from shardkv.core.placement import Ring
-from shardkv.core.quorum import AnyWriteQuorum, Outcome, Reply
+from shardkv.core.quorum import AnyWriteQuorum, Outcome, Reply, Target
 from shardkv.core.records import Record
 from shardkv.metrics import ProxyMetrics
 from shardkv.proxy.health import HealthMonitor
@@ -74,17 +76,25 @@ class HintKeeper:
         return isinstance(self.view, Ring) or node in self.view.nodes()
 
     def missed(
-        self, key: str, record: Record, quorum: AnyWriteQuorum, preference: list[str], n: int
+        self,
+        key: str,
+        record: Record,
+        quorum: AnyWriteQuorum,
+        preference: list[str],
+        n: int,
+        newer: Collection[Target] = (),
     ) -> None:
         """Once every target answered: make sure each replica that missed the write gets it.
 
         Not for a write that failed everywhere: the client was told it was
-        not applied, and a hint would apply it later.
+        not applied, and a hint would apply it later. Nor for the targets in
+        ``newer``: they refused it for holding a newer version (a one-round
+        write's refusal), so they miss nothing.
         """
         if quorum.outcome() is Outcome.FAILED:
             return
         for target, reply in quorum.replies.items():
-            if reply is Reply.OK:
+            if reply is Reply.OK or target in newer:
                 continue
             home = target.hint_for or target.node
             holders = [p for p in preference[n:] + preference[:n] if p not in (home, target.node)]

@@ -80,8 +80,9 @@ class _Pending:
             return
         self.done = True
         self.owner._settled()
+        tag, self.tag = self.tag, None  # the caller's objects hold this one: no cycle left
         try:
-            self.settle_to(outcome, self.tag)
+            self.settle_to(outcome, tag)
         except Exception:
             # A caller's bug must not strand the other operations of its batch.
             log.failure("settling a replica operation")
@@ -240,6 +241,7 @@ class NodePipeline:
         else:
             for pending, result in zip(batch.pending, outcome, strict=True):
                 pending.settle(result)
+        batch.pending = []  # each holds its batch: free them without the cycle collector
         self._flush()
 
     def stats(self) -> dict[str, int]:
