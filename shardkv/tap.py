@@ -142,12 +142,14 @@ def add_reload_service(sub: Any, service: Any, reactor: Any) -> None:
 
     A supervisor of ``--workers`` also passes each reload on to its workers.
     """
-    reloader = _reloader(sub, service)
     reload_service: ReloadService
     if isinstance(service, Supervisor):
+        # The parent applies only its log level; each worker reloads (and logs) the rest.
+        reloader = Reloader(lambda: _reparse(sub), sub, {"log-level"})
+        reloader.on_change("log-level", set_level)
         reload_service = SupervisorReloadService(reloader, reactor, service)
     else:
-        reload_service = ReloadService(reloader, reactor)
+        reload_service = ReloadService(_reloader(sub, service), reactor)
     reload_service.setServiceParent(service)
 
 

@@ -334,3 +334,35 @@ def test_workers_share_a_tls_listener(procs: ProcessSet, reaper: set[int], tmp_p
     context = ssl.create_default_context(cafile=str(ca.pem))
     seen = every_worker_answers(tls_port, context=context)
     assert all(status == 200 for got in seen.values() for status, _ in got)
+
+
+def test_a_reload_reaches_every_worker(procs: ProcessSet, reaper: set[int], tmp_path: Path) -> None:
+    """
+    If the config file changes and POST /admin/reload reaches one worker, then
+    both workers apply it (each logs its reload); SIGHUP to the parent does the
+    same.
+    """
+    config = tmp_path / "proxy.toml"
+    config.write_text("timeout = 2.0\n")
+    proxy = start(procs, "--config", str(config))
+    workers_of(proxy, reaper)
+    every_worker_answers(proxy.port)
+    assert proxy.port is not None
+
+    def reloads(worker: int) -> int:
+        return sum(
+            f"[worker {worker} shardkv.reload#info] reloaded {config}: applied timeout" in line
+            for line in proxy.log_path.read_text().splitlines()
+        )
+
+    def both(count: int) -> bool:
+        assert [reloads(0), reloads(1)] == [count, count]
+        return True
+
+    config.write_text("timeout = 1.5\n")
+    ((_, status, body),) = answers(proxy.port, "POST", "/admin/reload", connections=1)
+    assert status == 200 and json.loads(body)["applied"] == ["timeout"], body
+    poll_until(lambda: both(1), DEADLINE, "both workers to reload")
+    config.write_text("timeout = 1.0\n")
+    proxy.kill(signal.SIGHUP)
+    poll_until(lambda: both(2), DEADLINE, "both workers to reload on SIGHUP")
