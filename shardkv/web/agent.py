@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -86,6 +87,7 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
+    SchemeNotSupported,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -106,6 +108,9 @@ MAX_HEAD = 64 * 1024
 """Bytes an answer's status line and headers may take; past it the answer is refused."""
 
 _MAX_ORIGINS = 4096
+_UNSAFE = re.compile(rb"[\x00-\x20\x7f-\xff]")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_METHODS: set[bytes] = set()
 _DONE = Failure(ResponseDone("Response body fully received"))
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _NO_BODY = (204, 304)
@@ -174,7 +179,7 @@ class _Origin:
         self.key = key
         self.host_header = host_header
         self.endpoint: IStreamClientEndpoint | None = None
-        self.factory: _ConnectionFactory | None = None
+        self.factory: ConnectionFactory | None = None
 
 
 @implementer(IClientRequest)
@@ -277,30 +282,32 @@ class _Response:
         if self._delivered:
             raise RuntimeError("the response body was already delivered")
         self._delivered = True
+        self._protocol = protocol
         protocol.makeConnection(self)
         if self._chunks:
             data = b"".join(self._chunks)
             self._chunks = []
-            protocol.dataReceived(data)
-        if self._reason is not None:
-            protocol.connectionLost(self._reason)
-        else:
-            self._protocol = protocol
+            if self._protocol is protocol:
+                protocol.dataReceived(data)
+        reason = self._reason
+        if reason is not None and self._protocol is protocol:
+            self._protocol = None
+            protocol.connectionLost(reason)
 
     def _data(self, data: bytes) -> None:
         protocol = self._protocol
-        if protocol is None:
-            self._chunks.append(data)
-        else:
+        if protocol is not None:
             protocol.dataReceived(data)
+        elif not self._delivered:
+            self._chunks.append(data)
 
     def _done(self, reason: Failure) -> None:
         self._connection = None
         protocol, self._protocol = self._protocol, None
-        if protocol is None:
-            self._reason = reason
-        else:
+        if protocol is not None:
             protocol.connectionLost(reason)
+        elif not self._delivered:
+            self._reason = reason
 
     # -- the body protocol's transport -------------------------------------------
 
@@ -313,9 +320,17 @@ class _Response:
             self._connection.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        """The body's reader wants no more: the connection closes, it is not reused."""
-        if self._connection is not None:
-            self._connection.transport.abortConnection()
+        """The body's reader wants no more: the connection is aborted, never reused.
+
+        The reader hears nothing more of this body, not even its end: it
+        closed its transport (treq does when its collector fails, C{readBody}
+        when it is cancelled) and has settled its own outcome already.
+        """
+        connection, self._connection = self._connection, None
+        self._protocol = None
+        self._reason = None
+        if connection is not None:
+            connection.transport.abortConnection()
 
     loseConnection = abortConnection = stopProducing
 
@@ -405,7 +420,10 @@ class _Connection(Protocol):
             produced = producer.startProducing(consumer)
         except BaseException:
             produced = fail()
-        produced.addCallbacks(self._produced, self._production_failed, (exchange, consumer))
+        args = (exchange, consumer)
+        produced.addCallbacks(
+            self._produced, self._production_failed, callbackArgs=args, errbackArgs=args
+        )
 
     def _produced(self, _: object, exchange: _Exchange, consumer: _BodyConsumer) -> None:
         if self.exchange is not exchange or self._streaming is None:
@@ -655,8 +673,16 @@ class _Connection(Protocol):
             exchange.d.errback(failure)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # Out of the pool before anyone hears of it, and close() told last.
         self.lost = True
         self.agent._lost(self)
+        try:
+            self._ended(reason)
+        finally:
+            self.agent._check_closed()
+
+    def _ended(self, reason: Failure) -> None:
+        """Whoever waits on this connection learns how far its exchange got."""
         exchange, self.exchange = self.exchange, None
         if exchange is None:
             return
@@ -683,7 +709,7 @@ class _Connection(Protocol):
             exchange.d.errback(Failure(ResponseNeverReceived([reason])))
 
 
-class _ConnectionFactory(Factory):
+class ConnectionFactory(Factory):
     """Connections to one origin. Quiet: no log line per connection opened."""
 
     noisy = False
@@ -751,12 +777,17 @@ class PersistentAgent:
         hash_at = target.find(b"#")
         if hash_at >= 0:
             target = target[:hash_at]
+        if _UNSAFE.search(target) is not None:
+            raise ValueError(f"the request target {target!r} holds spaces or control bytes")
+        if method not in _METHODS:
+            if not _TOKEN.fullmatch(method):
+                raise ValueError(f"{method!r} is not an HTTP method")
+            _METHODS.add(method)
         origin = self._origins.get(origin_bytes)
         if origin is None:
-            try:
-                origin = self._origin(origin_bytes)
-            except Exception:
-                return fail()
+            origin = self._origin(origin_bytes)
+            if origin is None:
+                return fail(SchemeNotSupported(f"unsupported scheme in {uri!r}"))
         if headers is None:
             headers = Headers()
         body = _in_memory(bodyProducer)
@@ -797,10 +828,17 @@ class PersistentAgent:
 
     # -- connections ---------------------------------------------------------------
 
-    def _origin(self, origin_bytes: bytes) -> _Origin:
+    def _origin(self, origin_bytes: bytes) -> _Origin | None:
+        """What requests to ``origin_bytes`` need; None for a scheme other than http(s).
+
+        L{ValueError} (raised, as twisted.web's Agent does) for a URL with no
+        usable host or port.
+        """
+        if _UNSAFE.search(origin_bytes) is not None:
+            raise ValueError(f"{origin_bytes!r} holds spaces or control bytes")
         parsed = URI.fromBytes(origin_bytes)
         if parsed.scheme not in (b"http", b"https"):
-            raise ValueError(f"unsupported scheme {parsed.scheme!r}")
+            return None
         if not parsed.host:
             raise ValueError(f"no host in {origin_bytes!r}")
         host_text = parsed.host.decode("ascii")
@@ -832,7 +870,7 @@ class PersistentAgent:
                 self._tls = BrowserLikePolicyForHTTPS()
             endpoint = wrapClientTLS(self._tls.creatorForNetloc(parsed.host, parsed.port), endpoint)
         origin.endpoint = endpoint
-        origin.factory = _ConnectionFactory(self, origin)
+        origin.factory = ConnectionFactory(self, origin)
         if len(self._origins) >= _MAX_ORIGINS:
             self._origins.clear()
         self._origins[origin_bytes] = origin
@@ -907,7 +945,6 @@ class PersistentAgent:
         idle = self._idle.get(connection.origin.key)
         if idle is not None and connection in idle:
             idle.remove(connection)
-        self._check_closed()
 
     def idle_connections(self, origin: tuple[bytes, bytes, int] | None = None) -> int:
         """Idle connections kept, for one (scheme, host, port) or in all."""

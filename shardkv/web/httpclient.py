@@ -227,6 +227,11 @@ class HTTPClientService(Service):
         self._urls = PreparedURLs()
         self.http: HTTPClient | None = None
 
+    @property
+    def agent(self) -> PersistentAgent | None:
+        """The agent under treq while the service runs (None when stopped)."""
+        return self._agent
+
     def __repr__(self) -> str:
         return f"<HTTPClientService token={'set' if self._authorization else 'none'}>"
 
