@@ -311,7 +311,6 @@ class PreparedURLTests(SynchronousTestCase):
             b"http://127.0.0.1:9101/replica/batch",
             b"https://node-1.example:8443/replica/kv/a%20b?x=1&y",
             b"http://xn--bcher-kva.example/k",
-            b"http://[::1]:81/",
         ]:
             expected = EncodedURL.from_text(url.decode()).to_uri().to_text()
             prepared = PreparedURL.prepare(url)
