@@ -35,10 +35,16 @@ Failures keep twisted.web's types, which L{shardkv.replica.client} sorts into
 
   - a failed connection attempt fails with the endpoint's error
     (C{ConnectionRefusedError}, C{DNSLookupError}, a timeout...): not sent;
-  - a request on a closed agent fails with L{RequestNotSent};
+  - a request on a closed agent, or on a new connection that closed before
+    the request could be written, fails with L{RequestNotSent};
+  - a URL with no usable host, or a method or target that is not HTTP, raises
+    L{ValueError} at once (as twisted.web's Agent does); a scheme other than
+    http or https fails with L{SchemeNotSupported};
   - the connection lost before any byte of the answer:
-    L{ResponseNeverReceived}; after part of it: L{ResponseFailed}; a streamed
-    body cut while it was being written: L{RequestTransmissionFailed}; a body
+    L{ResponseNeverReceived} (an in-memory request leaves in one write, so
+    once it is written there is no "part sent" state: the outcome is
+    unknown); after part of the answer: L{ResponseFailed}; a streamed body
+    cut while it was being written: L{RequestTransmissionFailed}; a body
     producer that fails: L{RequestGenerationFailed} (the connection is
     aborted);
   - the answer's body cut short: the body protocol gets L{ResponseFailed}
@@ -73,7 +79,6 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -895,8 +900,8 @@ class PersistentAgent:
         exchange.connecting = None
         if exchange.cancelled or exchange.d.called:
             connection.transport.loseConnection()
-        elif connection.lost:
-            exchange.d.errback(Failure(ResponseNeverReceived([Failure(ConnectionDone())])))
+        elif connection.lost:  # gone before the request could be written
+            exchange.d.errback(Failure(RequestNotSent()))
         else:
             connection.send(exchange)
         self._check_closed()

@@ -45,6 +45,7 @@ from twisted.web.client import (
     RequestNotSent,
     ResponseFailed,
     ResponseNeverReceived,
+    SchemeNotSupported,
     readBody,
 )
 from twisted.web.http_headers import Headers
@@ -824,6 +825,24 @@ class MemoryAgentTests(SynchronousTestCase):
         """
         assert self.successResultOf(self.agent.close()) is None
         self.failureResultOf(self.request())
+        assert self.reactor.tcpClients == []
+
+    def test_what_cannot_be_a_request_is_refused_before_any_connection(self) -> None:
+        """
+        If the target holds a space or control byte, the method is not a
+        token, or the URL has no host, then C{request} raises L{ValueError};
+        a scheme other than http(s) fails with L{SchemeNotSupported}; no
+        connection is attempted for any of them.
+        """
+        for method, url in [
+            (b"GET", b"http://10.0.0.1:81/a b"),
+            (b"GET", b"http://10.0.0.1:81/a\r\nX-Evil: 1"),
+            (b"GE T", b"http://10.0.0.1:81/"),
+            (b"GET", b"http://:81/"),
+        ]:
+            with pytest.raises(ValueError):
+                self.agent.request(method, url)
+        self.failureResultOf(self.agent.request(b"GET", b"ftp://10.0.0.1/"), SchemeNotSupported)
         assert self.reactor.tcpClients == []
 
     def test_treq_client_through_the_agent(self) -> None:
