@@ -10,8 +10,9 @@ private one (L{ProxyMetrics.private}, L{NodeMetrics.private}), which counts
 into a registry nobody reads, so existing constructors and tests keep working.
 
 The hot path pays only for cheap increments: a labelled child is bound once
-(per node, per route and status) and kept, so a request never looks up
-labels; what is *state* rather than an event (queue depths, health, bytes on
+(per node, per outcome) and kept, so an operation never looks up labels, and
+HTTP requests are counted in plain numbers that become metric families only
+when scraped (L{HTTPMetrics}); what is *state* rather than an event (queue depths, health, bytes on
 disk, the map's epoch, a move's progress) is read only when ``/metrics`` is
 scraped, by L{StateCollector}s. The names are the shared notes' (issue 9);
 the dashboard reads them.

@@ -4,12 +4,13 @@ Klein stays the router: routes are declared with ``@app.route``, matched by
 the app's werkzeug ``Map``, run through Klein's own ``execute_endpoint``, and
 failures go through the error handlers registered with ``handle_errors``, in
 their order. What changes is what Klein's ``KleinResource.render`` does around
-that for every request, which profiled at about half of a node's CPU per
-``GET /get`` (py-spy, ``wrk -c32``; see bench/README.md):
+that for every request, about a quarter of a node's CPU for a ``GET /get``
+(py-spy under ``wrk -c32``; bench/README.md has the profiles):
 
 - it binds ``url_map`` to the request (``Map.bind``: a new ``MapAdapter``) and
   works out the server name, port and scheme again (``extractURLparts``,
-  which asks the transport twice whether it is TLS);
+  which asks the transport twice whether it is TLS), then matches the path
+  with werkzeug's state machine;
 - it adapts the request to ``IKleinRequest`` to hang that adapter on it;
 - it runs the endpoint inside two ``maybeDeferred``, registers two
   ``notifyFinish`` Deferreds, and sends the answer through a chain of four
@@ -19,21 +20,28 @@ that for every request, which profiled at about half of a node's CPU per
 
 L{RouterResource} binds the ``MapAdapter`` once per (server name, scheme,
 script name) and matches each request with ``adapter.match(path_info,
-method)``, which is what ``bind`` followed by ``match`` computes. When the
+method)``, which is what ``bind`` followed by ``match`` computes; the match
+of a rule without arguments (``/get``, ``/replica/batch``, not
+``/kv/<key>``) depends on the path and method alone, so it is kept. When the
 endpoint (or the error handler that takes its failure) returns ``bytes`` or
-``str`` synchronously, the answer is written at once with ``Content-Length``
-and the request finished: no Deferred is made. Anything else (a Deferred, a
-coroutine, a Klein ``Response``, a ``Resource``, an element, ``None``, an error
-handler that itself fails) continues exactly as in Klein's ``render``, from
-the same point: L{_klein_chain} is a copy of Klein 24.8's callbacks
-(``process``, ``processing_failed``, ``write_response``), kept because Klein
-defines them inside ``render`` where nothing else can call them. A request
-Klein would refuse before routing (a server name or path that is not UTF-8) is
-handed to Klein's own ``render`` untouched.
+``str`` synchronously, or a Deferred that has already fired (a node writing
+to memory), the answer is written at once with ``Content-Length`` and the
+request finished: no Deferred is made. Anything else (a Deferred still
+waiting, a coroutine, a Klein ``Response``, a ``Resource``, an element,
+``None``, an error handler that itself fails) continues exactly as in
+Klein's ``render``, from the same point: L{_klein_chain} is a copy of Klein
+24.8's callbacks (``process``, ``processing_failed``, ``write_response``),
+kept because Klein defines them inside ``render`` where nothing else can call
+them; its bytes get a length too. A request Klein would refuse before routing
+(a server name or path that is not UTF-8) is handed to Klein's own ``render``
+untouched.
 
-The one thing left out: ``IKleinRequest(request).mapper`` is not set, since no
-shardkv route builds URLs with it (``url_for``); Klein's ``Klein.url_for``
-binds its own adapter and still works.
+So every status, header and body is Klein's, but for the framing: a whole
+answer carries ``Content-Length`` instead of ``Transfer-Encoding: chunked``
+(and a HEAD answer the length of its GET's body). An empty body is left as
+Klein sends it. The one thing left out: ``IKleinRequest(request).mapper`` is
+not set, since no shardkv route builds URLs with it; ``Klein.url_for`` binds
+its own adapter and still works.
 """
 
 from __future__ import annotations
@@ -74,8 +82,9 @@ so the cache is emptied when it fills rather than growing with every name sent."
 _AdapterKey = tuple[bytes | None, bool, str | None, int, bytes]
 """(Host header, TLS, local address, local port, script name)."""
 
-_Matches = dict[tuple[str, str], tuple[Rule, Mapping[str, Any]]]
-"""(path, method) -> werkzeug's match, for rules without arguments."""
+_Matches = dict[tuple[bytes, bytes], tuple[str, Mapping[str, Any], str, int]]
+"""(path, method) -> werkzeug's match (endpoint, arguments) with the route's label and
+segment count (L{RouterResource._route}), for rules without arguments."""
 
 MAX_STATIC_MATCHES = 256
 """More than (rules without arguments) x (methods): a bound that is never reached."""
@@ -125,51 +134,50 @@ class RouterResource(KleinResource):
         path_info = b""
         if postpath:
             path_info = b"/".join(postpath)
-            if not path_info.startswith(b"/"):
+            if path_info[:1] != b"/":
                 path_info = b"/" + path_info
         prepath = request.prepath
         script_name = b""
         if prepath:
             script_name = b"/".join(prepath)
-            if not script_name.startswith(b"/"):
+            if script_name[:1] != b"/":
                 script_name = b"/" + script_name
         # Everything the server name and scheme are made of: the adapter for them.
-        host = request.getHost()
+        local = request.getHost()
+        hosts = request.requestHeaders.getRawHeaders(b"host")
         key = (
-            request.getHeader(b"host"),
+            hosts[-1] if hosts else None,
             request.isSecure(),
-            getattr(host, "host", None),
-            getattr(host, "port", 0),
+            getattr(local, "host", None),
+            getattr(local, "port", 0),
             script_name,
         )
         bound = self._adapters.get(key)
-        try:
-            path_text = path_info.decode("utf-8")
-            method = request.method.decode("utf-8")
-            if bound is None:
-                bound = self._bind(request, key)
-        except (URLDecodeError, UnicodeDecodeError):
-            # Klein answers these itself (and logs them) before routing.
-            return super().render(request)
-
-        app = self._app
-        adapter, static = bound
-        found = static.get((path_text, method))
-        if found is not None:
-            rule, kwargs = found
-        else:
+        if bound is None:
             try:
-                rule, kwargs = adapter.match(path_text, method, return_rule=True)
+                bound = self._bind(request, key)
+            except URLDecodeError:
+                # Klein answers this itself (and logs it) before routing.
+                return super().render(request)
+        adapter, static = bound
+        app = self._app
+        method = request.method
+        found = static.get((path_info, method))
+        if found is None:
+            try:
+                path_text = path_info.decode("utf-8")
+                method_text = method.decode("utf-8")
+            except UnicodeDecodeError:
+                return super().render(request)
+            try:
+                rule, kwargs = adapter.match(path_text, method_text, return_rule=True)
             except BaseException:
-                self._failed(request, Failure(), app._error_handlers)
+                _fail(app, request, Failure(), app._error_handlers)
                 return server.NOT_DONE_YET
+            found = (rule.endpoint, kwargs, *self._route(rule))
             if not rule.arguments and len(static) < MAX_STATIC_MATCHES:
-                static[path_text, method] = (rule, kwargs)
-        endpoint = rule.endpoint
-        route = self._routes.get(endpoint)
-        if route is None:
-            route = self._route(endpoint, rule)
-        request.route, segment_count = route
+                static[path_info, method] = found
+        endpoint, kwargs, request.route, segment_count = found
         if segment_count:
             prepath.extend(postpath[:segment_count])
             request.postpath = postpath[segment_count:]
@@ -177,14 +185,19 @@ class RouterResource(KleinResource):
         try:
             result = app.execute_endpoint(endpoint, request, **kwargs)
         except BaseException:
-            self._failed(request, Failure(), app._error_handlers)
+            _fail(app, request, Failure(), app._error_handlers)
             return server.NOT_DONE_YET
         _answer(app, request, result, app._error_handlers, cancel=True)
         return server.NOT_DONE_YET
 
-    def _route(self, endpoint: str, rule: Rule) -> tuple[str, int]:
-        segment_count = route_metadata(self._app.endpoints[endpoint]).segment_count
-        route = self._routes[endpoint] = (route_label(rule.rule), segment_count)
+    def _route(self, rule: Rule) -> tuple[str, int]:
+        """The rule's label for the metrics, and how many path segments Klein moves
+        from ``postpath`` to ``prepath`` for its endpoint."""
+        endpoint = rule.endpoint
+        route = self._routes.get(endpoint)
+        if route is None:
+            segment_count = route_metadata(self._app.endpoints[endpoint]).segment_count
+            route = self._routes[endpoint] = (route_label(rule.rule), segment_count)
         return route
 
     def _bind(self, request: Any, key: _AdapterKey) -> tuple[MapAdapter, _Matches]:
@@ -201,21 +214,28 @@ class RouterResource(KleinResource):
         bound = adapters[key] = (adapter, {})
         return bound
 
-    def _failed(self, request: Any, failure: Failure, handlers: ErrorMethods) -> None:
-        """Klein's error handlers, in order, run synchronously while they answer bytes."""
-        app = self._app
-        for i, (exceptions, handler) in enumerate(handlers):
-            if not failure.check(*exceptions):
-                continue
-            rest = handlers[i + 1 :]
-            try:
-                result = app.execute_error_handler(handler, request, failure)
-            except BaseException:
-                _klein_chain(app, request, fail(Failure()), rest)
-                return
-            _answer(app, request, result, rest, cancel=False)
+
+def _fail(app: Klein, request: Any, failure: Failure, handlers: ErrorMethods) -> None:
+    """Klein's error handlers, in order, run synchronously while they answer at once.
+
+    As in Klein, a handler that fails passes its own failure to the handlers
+    after it, none left means Klein's defaults, and a request already finished
+    or gone only logs the failure (L{_klein_chain} does both)."""
+    if not _open(request):
+        _klein_chain(app, request, fail(failure), handlers)
+        return
+    for i, (exceptions, handler) in enumerate(handlers):
+        if not failure.check(*exceptions):
+            continue
+        rest = handlers[i + 1 :]
+        try:
+            result = app.execute_error_handler(handler, request, failure)
+        except BaseException:
+            _klein_chain(app, request, fail(Failure()), rest)
             return
-        _klein_chain(app, request, fail(failure), [])
+        _answer(app, request, result, rest, cancel=False)
+        return
+    _klein_chain(app, request, fail(failure), [])
 
 
 def _answer(
@@ -224,22 +244,59 @@ def _answer(
     """Send what an endpoint (or an error handler) returned.
 
     Bytes or text for a request still open are written at once, with their
-    length, and the request finished; everything else goes Klein's way
-    (L{_klein_chain}), with ``handlers`` left for its failures. ``cancel``:
-    an endpoint's Deferred, which Klein cancels when the client goes away.
+    length (L{_write_whole}), and so is a Deferred that has already fired
+    (a node's write to memory answers so), or its failure handled (L{_fail});
+    everything else goes Klein's way (L{_klein_chain}), with ``handlers`` left
+    for its failures. ``cancel``: this is an endpoint's result, and Klein
+    cancels an endpoint's Deferred when the client goes away.
     """
-    if (type(result) is bytes or type(result) is str) and not (
-        request.finished or getattr(request, "_disconnected", False)
-    ):
-        body = result.encode("utf-8") if type(result) is str else result
-        if not request.startedWriting and request.code not in NO_BODY_CODES:
-            request.setHeader(b"content-length", b"%d" % len(body))
-        request.write(body)
-        request.finish()
-    elif isinstance(result, Deferred):
-        _klein_chain(app, request, result, handlers, cancel=result if cancel else None)
+    if isinstance(result, Deferred):
+        fired = _fired(result)
+        if not fired:
+            _klein_chain(app, request, result, handlers, cancel=result if cancel else None)
+            return
+        result = fired[0]
+        if isinstance(result, Failure):
+            _fail(app, request, result, handlers)
+            return
+    if (type(result) is bytes or type(result) is str) and _open(request):
+        _write_whole(request, result)
     else:
         _klein_chain(app, request, succeed(result), handlers)
+
+
+def _fired(d: Deferred[Any]) -> list[Any]:
+    """``[result]`` taken from ``d`` if it has one already, else ``[]`` (and ``d`` untouched)."""
+    taken: list[Any] = []
+    waiting = [False]
+
+    def take(result: object) -> object:
+        if waiting[0]:
+            return result
+        taken.append(result)
+        return None
+
+    d.addBoth(take)
+    waiting[0] = True
+    return taken
+
+
+def _open(request: Any) -> bool:
+    """Not finished and not disconnected: what Klein's ``request_finished`` flag tracks."""
+    return not (request.finished or getattr(request, "_disconnected", False))
+
+
+def _write_whole(request: Any, body: bytes | str) -> None:
+    """The whole answer, with its length unless the route already began writing it.
+
+    An empty body is left as Klein sends it: twisted.web drops its default
+    Content-Type for a ``Content-Length: 0``, and that header would change."""
+    if type(body) is str:
+        body = body.encode("utf-8")
+    if body and not request.startedWriting and request.code not in NO_BODY_CODES:
+        request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
 
 
 def _klein_chain(
@@ -253,7 +310,8 @@ def _klein_chain(
 
     Copied because Klein defines these callbacks inside ``render``; the only
     changes are that ``d`` is given rather than made, that the request's state
-    is read instead of a flag when it was already finished, and type hints.
+    is read instead of a flag when it was already finished, that bytes for an
+    open request are written with their length (L{_write_whole}), and type hints.
     ``cancel``: the endpoint's Deferred, cancelled if the client goes away.
     """
     request_finished = [bool(request.finished or request._disconnected)]
@@ -306,6 +364,9 @@ def _klein_chain(
             return
         if isinstance(r, str):
             r = r.encode("utf-8")
+        if isinstance(r, bytes) and not request_finished[0]:
+            _write_whole(request, r)
+            return
         if isinstance(r, bytes):
             request.write(r)
         if not request_finished[0]:
