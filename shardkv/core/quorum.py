@@ -302,3 +302,64 @@ class ReadQuorum:
         return [
             node for node, rec in self.records.items() if rec is None or rec.version < best.version
         ]
+
+
+class LatencyWindow:
+    """Recent replica read latencies, and the hedge delay they imply.
+
+    A hedged read asks R replicas and asks the others only when one of them
+    has not answered within the hedge delay (Cassandra's speculative retry
+    at its ``99p`` setting): ``multiple`` times the ``quantile`` of the last
+    ``size`` samples, kept between ``floor`` and ``cap``. The quantile is
+    computed again every ``every`` samples, not per read: sorting a few
+    hundred floats costs tens of microseconds, per read that would be more
+    than the hedge saves. Until ``every`` samples have come in the delay is
+    ``floor``.
+    """
+
+    __slots__ = (
+        "_at",
+        "_delay",
+        "_samples",
+        "_since",
+        "cap",
+        "every",
+        "floor",
+        "multiple",
+        "quantile",
+    )
+
+    def __init__(
+        self,
+        quantile: float = 0.99,
+        *,
+        size: int = 512,
+        every: int = 64,
+        multiple: float = 1.0,
+        floor: float = 0.002,
+        cap: float = 0.1,
+    ) -> None:
+        self.quantile = quantile
+        self.multiple = multiple
+        self.floor = floor
+        self.cap = cap
+        self.every = every
+        self._samples: list[float] = [0.0] * size
+        self._at = 0
+        self._since = 0
+        self._delay = floor
+
+    def add(self, seconds: float) -> None:
+        samples = self._samples
+        samples[self._at % len(samples)] = seconds
+        self._at += 1
+        self._since += 1
+        if self._since >= self.every:
+            self._since = 0
+            filled = sorted(samples[: min(self._at, len(samples))])
+            q = filled[min(len(filled) - 1, int(len(filled) * self.quantile))]
+            self._delay = min(self.cap, max(self.floor, q * self.multiple))
+
+    def delay(self) -> float:
+        """Seconds a hedged read waits for its first R replicas before asking the others."""
+        return self._delay

@@ -139,3 +139,63 @@ class VersionClock:
             ms = max(ms, seen.clock_ms + 1)
         self._last_ms = ms
         return Version(counter, ms, self.writer)
+
+    def mint_after(self, counter: int | None) -> Version:
+        """A version with counter ``counter + 1`` (1 for None), newer than anything
+        minted before: a tentative version from a counter alone (L{SeenCounters}).
+        ``counter`` must be below L{MAX_COUNTER}, where L{mint} needs the clock too."""
+        ms = max(self._now_ms(), self._last_ms + 1, 0)
+        self._last_ms = ms
+        return Version(1 if counter is None else counter + 1, ms, self.writer)
+
+
+class SeenCounters:
+    """The newest version counter a proxy saw for each key, for tentative versions.
+
+    A one-round write (L{shardkv.proxy.coordinator}) mints one past the counter
+    seen here, so that a key this proxy read or wrote lately takes one round;
+    a key it never saw starts at counter 1 and learns the real one from the
+    replicas' refusals. A wrong guess costs a round, never correctness (the
+    replicas decide what is newer), so the cache may forget freely.
+
+    Bounded, two generations of plain dicts: a key goes into the young one;
+    when that holds ``size / 2`` keys it becomes the old one and the oldest
+    generation is dropped. Lookups read both. Every operation is O(1) (a dict
+    used as a FIFO slows down as deleted entries pile up at its front, and an
+    OrderedDict costs twice as much per operation). Memory: at most ``size``
+    keys, about 150 bytes each on CPython (the key's string, an int, dict slots),
+    so the default 100,000 keys hold some 15 MB. Counters at L{MAX_COUNTER} are
+    not kept (minting there needs the clock too); such a key learns it from a
+    refusal.
+    """
+
+    __slots__ = ("_half", "_old", "_young")
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._half = max(1, size // 2)
+        self._young: dict[str, int] = {}
+        self._old: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)
+
+    def get(self, key: str) -> int | None:
+        counter = self._young.get(key)
+        return counter if counter is not None else self._old.get(key)
+
+    def saw(self, key: str, version: Version) -> None:
+        """Note ``version`` of ``key`` (kept if newer than what is noted)."""
+        counter = version.counter
+        if counter >= MAX_COUNTER:
+            return
+        young = self._young
+        known = young.get(key)
+        if known is None:
+            known = self._old.get(key)
+        if known is not None and known >= counter:
+            if key in young:
+                return
+            counter = known
+        young[key] = counter
+        if len(young) >= self._half:
+            self._old, self._young = young, {}

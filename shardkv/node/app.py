@@ -130,8 +130,8 @@ class NodeApp:
         hint_for = request.args.get(HINT_FOR.encode(), [b""])[0].decode("utf-8", "replace")
         if in_grace and not hint_for:
             self.store.mapstore.note_grace_write(key)
-        d = self.store.accept(key, record, hint_for or None)
-        return d.addCallback(lambda applied: json_body(request, 200, {"applied": applied}))
+        d = self.store.replica_put_answer(key, record, hint_for or None)
+        return d.addCallback(lambda answer: json_body(request, 200, answer))
 
     @app.route(BATCH_PATH, methods=["POST"])
     def replica_batch(self, request: IRequest) -> Deferred[bytes]:

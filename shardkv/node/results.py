@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from shardkv.core.records import Record
 from shardkv.errors import ShardkvError
-from shardkv.node.store import Outcome
+from shardkv.node.store import Outcome, PutOutcome
 from shardkv.replica import codec
 from shardkv.web.errors import status_for
 
@@ -30,6 +30,10 @@ def batch_results(outcomes: Sequence[Outcome]) -> list[codec.Result]:
             else:
                 inline_left -= len(outcome.value)
                 results.append(codec.Result(200, record=outcome))
+        elif isinstance(outcome, PutOutcome):
+            results.append(
+                codec.Result(200, applied=outcome.applied, held=outcome.held, live=outcome.live)
+            )
         else:
             results.append(codec.Result(200, applied=outcome))
     return results

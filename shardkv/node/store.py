@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.python.failure import Failure
@@ -41,9 +41,34 @@ from shardkv.node.members import Members
 from shardkv.replica import codec
 from shardkv.storage.engine import StorageEngine
 
-Outcome = Record | bool | ShardkvError
-"""One batch operation's outcome: a read's record, a write's "applied", or
-the domain error that operation alone failed with."""
+
+class PutOutcome(NamedTuple):
+    """A replica write's outcome, with what the node held before it.
+
+    A proxy's one-round write (L{shardkv.proxy.coordinator}) needs both: a
+    refused write tells it the newer version to mint past (``held``), and an
+    applied one whether the key existed (``live``), for 201 versus 200.
+    """
+
+    applied: bool
+    held: Version | None
+    """The version the node held (queued writes included): older than the
+    write if it was applied, at least as new if it was refused. None: nothing."""
+    live: bool
+    """Whether that was a live record (not a tombstone)."""
+
+    def as_json(self) -> dict[str, Any]:
+        """The single-key replica route's answer (``PUT /replica/kv/<key>``)."""
+        answer: dict[str, Any] = {"applied": self.applied, "live": self.live}
+        if self.held is not None:
+            answer["held"] = str(self.held)
+        return answer
+
+
+Outcome = Record | bool | PutOutcome | ShardkvError
+"""One batch operation's outcome: a read's record, a write's L{PutOutcome} (a
+hint's or a stream's bare "applied"), or the domain error that operation alone
+failed with."""
 
 
 class NodeStore:
@@ -134,6 +159,24 @@ class NodeStore:
             return self.engine.put_hint(hint_for, key, local)
         return self.engine.put(key, local)
 
+    def replica_put(self, key: str, record: Record, hint_for: str | None) -> Deferred[Any]:
+        """L{accept}, answered with what the node held before (L{PutOutcome});
+        a hint answers a bare "applied" (a hint holder's own copy is not asked)."""
+        if hint_for is not None:
+            return self.accept(key, record, hint_for)
+        try:
+            prior = self.engine.latest(key)
+        except CorruptRecord:
+            prior = None  # it is overwritten like a missing one
+        held, live = (None, False) if prior is None else (prior.version, not prior.tombstone)
+        return self.accept(key, record, None).addCallback(PutOutcome, held, live)
+
+    def replica_put_answer(
+        self, key: str, record: Record, hint_for: str | None
+    ) -> Deferred[dict[str, Any]]:
+        """L{replica_put} as the single-key route's JSON answer."""
+        return self.replica_put(key, record, hint_for).addCallback(_put_json)
+
     def run_batch(self, ops: Sequence[codec.Op]) -> Deferred[list[Outcome]]:
         """Every operation's outcome, once every write in the batch is durable.
 
@@ -206,7 +249,7 @@ class NodeStore:
         if len(op.record.value) > self.max_value_bytes:
             message = f"the value is over this node's {self.max_value_bytes}-byte limit"
             return succeed(ValueTooLarge(message, "value_too_large"))
-        applied: Deferred[Any] = self.accept(op.key, op.record, op.hint_for)
+        applied: Deferred[Any] = self.replica_put(op.key, op.record, op.hint_for)
         return applied.addErrback(self._own_failure)
 
     def _own_failure(self, failure: Failure) -> ShardkvError:
@@ -216,6 +259,12 @@ class NodeStore:
         assert isinstance(err, ShardkvError)
         err.message = f"{self.node_id}: {err.message}"
         return err
+
+
+def _put_json(outcome: PutOutcome | bool) -> dict[str, Any]:
+    if isinstance(outcome, PutOutcome):
+        return outcome.as_json()
+    return {"applied": outcome}
 
 
 def _first_error(failure: Failure) -> Failure:

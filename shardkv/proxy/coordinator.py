@@ -1,11 +1,19 @@
 """The coordinator: runs each client request as quorum calls to the replicas.
 
-A key lives on the first N distinct nodes of its preference list. A read asks
-them all and answers once R have replied, with the newest version seen; the
-replicas that were stale are repaired in the background. A write first reads
-the newest version (R replies) so that it can mint a larger one, then sends
-the record to the N replicas in parallel and answers once W have durably
-acknowledged it. Neither waits for the slowest replica.
+A key lives on the first N distinct nodes of its preference list. A read is
+hedged (L{_Read}): it asks the first R healthy replicas and answers once R have
+replied, with the newest version seen; it asks the others only when one of
+those fails or has not answered within the hedge delay, and one read in ten
+(L{READ_ALL_FRACTION}), like every read while a move runs, asks all N. The
+replicas it asked that were stale are repaired in the background.
+
+A write sends its record to the N replicas in parallel and answers once W have
+durably acknowledged it. Its version must be larger than any acknowledged
+before it started. Where any two write quorums intersect (2W > N) and the
+write has no precondition, it mints a tentative version and sends it at once
+(L{Coordinator._write_one_round}: one round, retried past a refusal);
+otherwise it first reads the newest version (R replies) and mints past it.
+Neither waits for the slowest replica.
 
 When a quorum cannot be had it raises:
 
@@ -42,10 +50,12 @@ at the new placement, which is idempotent, instead of answering "unknown".
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from shardkv.cluster.view import MapView, Placement
@@ -55,6 +65,7 @@ from shardkv.core.quorum import (
     AnyWriteQuorum,
     Consistency,
     JointWriteQuorum,
+    LatencyWindow,
     Outcome,
     QuorumSizes,
     ReadQuorum,
@@ -65,7 +76,7 @@ from shardkv.core.quorum import (
     replica_targets,
 )
 from shardkv.core.records import Record
-from shardkv.core.versions import Version, VersionClock
+from shardkv.core.versions import SeenCounters, Version, VersionClock
 from shardkv.core.writes import WriteResult, next_tombstone, next_value
 from shardkv.errors import (
     NodeBusy,
@@ -78,6 +89,7 @@ from shardkv.errors import (
 from shardkv.metrics import ProxyMetrics, counter_value
 from shardkv.proxy.health import HealthMonitor
 from shardkv.proxy.hints import HintKeeper
+from shardkv.replica import codec
 from shardkv.replica.client import ReplicaClient, write_cost
 
 DEFAULT_SIZES = QuorumSizes(n=3, r=2, w=2)
@@ -92,15 +104,338 @@ def _reply_kind(failure: Failure) -> Reply:
     return Reply.FAILED
 
 
-def _first(quorum_decided: Callable[[], bool]) -> tuple[Deferred[None], Callable[[], None]]:
-    """A Deferred that fires the first time ``quorum_decided()`` holds."""
-    done: Deferred[None] = Deferred()
+READ_ALL_FRACTION = 0.1
+"""The share of reads that ask all N replicas instead of R (Cassandra's
+``read_repair_chance``, at its old default). A hedged read can only compare,
+and repair, the replicas it asked; a replica that is never among the first R
+of a key's healthy replicas would otherwise be found stale only by a hedge or a
+failure. One read in ten of a key asking everyone finds it by foreground
+traffic, for 1.05 replica operations per read on average instead of 1.5
+(N=3, R=2). Hinted handoff remains the main way a replica catches up. A
+constant, not an option: the coordinator's ``read_all_fraction`` may be set
+(tests set 0 or 1)."""
 
-    def check() -> None:
-        if not done.called and quorum_decided():
+SLOW_FOR = 1.0
+"""Seconds a replica that let a hedge fire (it had not answered within the
+hedge delay) is asked after the others. A paused node (SIGSTOP) then costs one
+hedge delay per second instead of one per read, until health marks it down."""
+
+
+class _Read:
+    """One quorum read in flight: which replicas were asked, which wait as spares.
+
+    Hedged (Cassandra's speculative retry): ask the first R replicas that
+    count, keep the rest as spares, and ask spares when an asked one fails
+    (so that R answers can still come) or when the hedge delay passes without
+    a decision (then all of them: the read is slow, so it does what an
+    unhedged read does). The quorum (L{ReadQuorum}) counts un-asked spares as
+    pending, so it never decides FAILED while a spare could still answer.
+    Read repair compares the replicas that answered, once every replica asked
+    has landed.
+
+    One object with a method per event, rather than closures per replica
+    call: a read is the proxy's hottest path.
+    """
+
+    __slots__ = (
+        "asking",
+        "busy",
+        "calls",
+        "coordinator",
+        "done",
+        "epoch",
+        "key",
+        "outstanding",
+        "potential",
+        "quorum",
+        "repaired",
+        "spares",
+        "timer",
+        "waiting",
+    )
+
+    def __init__(self, coordinator: Coordinator, key: str, quorum: ReadQuorum, epoch: int) -> None:
+        self.coordinator = coordinator
+        self.key = key
+        self.quorum = quorum
+        self.epoch = epoch
+        self.done: Deferred[None] = Deferred()
+        self.busy: set[str] = set()
+        self.calls: list[Deferred[Record | None]] = []
+        self.spares: list[tuple[str, bool]] = []
+        self.waiting: set[str] = set()
+        """Replicas asked that have not answered yet."""
+        self.outstanding = 0
+        self.potential = 0
+        """Replicas asked, not yet answered, whose answer would count towards R."""
+        self.timer: IDelayedCall | None = None
+        self.repaired = False
+        self.asking = 0
+        """Loops of asks in progress (their answers may land within them)."""
+
+    def ask_all(self, replicas: list[tuple[str, bool]]) -> None:
+        self.asking += 1
+        for node, counts in replicas:
+            self.ask(node, counts)
+        self.asking -= 1
+        self.landed()
+
+    def start(self, order: list[tuple[str, bool]]) -> None:
+        """Ask the first R counting replicas of ``order``; keep the rest as spares."""
+        self.spares = order
+        self.top_up()
+        if self.spares and not self.done.called:
+            c = self.coordinator
+            self.timer = c.clock.callLater(c.hedge_delay(), self.hedge)
+
+    def ask(self, node: str, counts: bool) -> None:
+        c = self.coordinator
+        self.outstanding += 1
+        self.waiting.add(node)
+        if counts:
+            self.potential += 1
+        call = c.replica_client.replica_get(node, self.key, epoch=self.epoch)
+        call.addCallbacks(
+            self.ok,
+            self.failed,
+            callbackArgs=(node, counts, c.clock.seconds()),
+            errbackArgs=(node, counts),
+        )
+        self.calls.append(call)
+
+    def top_up(self) -> None:
+        """Ask spares, in order, until R counting answers can come from replicas asked."""
+        quorum, spares = self.quorum, self.spares
+        self.asking += 1
+        while spares and quorum.answered + self.potential < quorum.r:
+            node, counts = spares.pop(0)
+            self.ask(node, counts)
+        self.asking -= 1
+        self.landed()
+
+    def hedge(self) -> None:
+        """The hedge delay passed undecided: ask every spare."""
+        self.timer = None
+        if self.done.called:
+            return
+        c = self.coordinator
+        c.hedges += 1
+        until = c.clock.seconds() + SLOW_FOR
+        for node in self.waiting:
+            c._slow[node] = until
+        spares, self.spares = self.spares, []
+        self.ask_all(spares)
+
+    def ok(self, record: Record | None, node: str, counts: bool, started: float) -> None:
+        c = self.coordinator
+        self.outstanding -= 1
+        self.waiting.discard(node)
+        if counts:
+            self.potential -= 1
+        c.latency.add(c.clock.seconds() - started)
+        if c._slow:
+            c._slow.pop(node, None)
+        self.quorum.add(node, record, counts=counts)
+        self.landed()
+
+    def failed(self, failure: Failure, node: str, counts: bool) -> None:
+        c = self.coordinator
+        self.outstanding -= 1
+        self.waiting.discard(node)
+        if counts:
+            self.potential -= 1
+        c.health.call_failed(node, failure.value)
+        if isinstance(failure.value, NodeBusy):
+            self.busy.add(node)
+        self.quorum.fail(node, _reply_kind(failure))
+        self.top_up()
+
+    def landed(self) -> None:
+        """Answer once the quorum decides; repair once every replica asked has
+        landed (not while a loop is still asking: answers may come at once)."""
+        done = self.done
+        if not done.called and self.quorum.outcome() is not None:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
             done.callback(None)
+        if self.outstanding == 0 and done.called and not self.asking and not self.repaired:
+            self.repaired = True
+            self.coordinator._repair(self.key, self.quorum, self.epoch)
 
-    return done, check
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.spares = []
+        for call in self.calls:
+            call.cancel()
+
+
+ONE_ROUND_ATTEMPTS = 3
+"""Tentative versions a one-round write sends before it falls back to reading
+the version first. A refusal carries the newest version its replica holds, so
+the second try wins unless another writer wrote the key in the meantime; the
+third covers one such race. Two writers racing on one key could otherwise
+leapfrog each other; the read-first fallback always ends (there a replica that
+holds a newer version acknowledges: the write lost to a concurrent one)."""
+
+
+def _unconditional(pre: Precondition) -> bool:
+    return not (pre.if_match or pre.match_any or pre.none_match_any or pre.other_tags)
+
+
+class _Tentative:
+    """What the tries of one one-round write learned from the replicas' answers."""
+
+    __slots__ = ("blind", "maybe_applied", "minted", "newest", "refused")
+
+    def __init__(self) -> None:
+        self.minted: set[Version] = set()
+        """The versions this write's tries carried (never "someone else's")."""
+        self.refused: Version | None = None
+        """The newest version a replica refused the current try with."""
+        self.newest: tuple[Version, bool] | None = None
+        """The newest record any answer reported held, not one of ours, and
+        whether it was live: what ``created`` is decided by."""
+        self.maybe_applied = False
+        """A try that did not reach W may be on some replicas."""
+        self.blind = False
+        """A replica refused without saying what it holds (a node older than
+        the field, or a record gone meanwhile): minting past it is guesswork."""
+
+    def reply(self, result: codec.Result, version: Version) -> Reply:
+        """A home replica's answer to a try of ``version``, as the quorum counts it."""
+        if result.live is None:
+            self.blind = self.blind or not result.applied
+            return Reply.OK if result.applied else Reply.FAILED
+        held = result.held
+        if held == version:  # it holds this very try already
+            return Reply.OK
+        if held is not None:
+            self.note(held, result.live)
+        if result.applied:
+            return Reply.OK
+        if held is None:
+            self.blind = True
+        elif self.refused is None or held > self.refused:
+            self.refused = held
+        return Reply.FAILED
+
+    def note(self, held: Version, live: bool) -> None:
+        if held in self.minted:
+            return
+        if self.newest is None or held > self.newest[0]:
+            self.newest = (held, live)
+
+    def created(self) -> bool:
+        return self.newest is None or not self.newest[1]
+
+    def honest(self, e: QuorumUnavailable) -> QuorumUnavailable:
+        """``e``, unless an earlier try may be on some replicas: then its outcome
+        is unknown (never not_applied, nor overloaded)."""
+        if not self.maybe_applied or e.details.get("outcome") == "unknown":
+            return e
+        details = {**e.details, "outcome": "unknown"}
+        first = e.message.split(";")[0]
+        message = (
+            f"{first}; an earlier try of this write is on some replicas "
+            "and may still become visible"
+        )
+        if isinstance(e, QuorumTimeout):
+            return QuorumTimeout(message, **details)
+        return QuorumUnavailable(message, **details)
+
+
+class _Write:
+    """One replica write in flight: its quorum, and what happens as answers land.
+
+    Hints (L{HintKeeper.missed}) go out once every target answered, and only for
+    a write that stands: a one-round try that was superseded by a newer try
+    needs none, and one whose outcome is not known yet waits for ``stands``.
+    """
+
+    __slots__ = (
+        "busy",
+        "coordinator",
+        "done",
+        "hinted",
+        "key",
+        "n",
+        "preference",
+        "quorum",
+        "record",
+        "refusals",
+        "sending",
+        "stale",
+        "tally",
+        "verdict",
+    )
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        key: str,
+        record: Record,
+        quorum: AnyWriteQuorum,
+        preference: list[str],
+        n: int,
+        stale: list[NodeHasNewerMap],
+        tally: _Tentative | None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.key = key
+        self.record = record
+        self.quorum = quorum
+        self.preference = preference
+        self.n = n
+        self.stale = stale
+        self.tally = tally
+        self.busy: set[Target] = set()
+        self.refusals: list[Target] = []
+        self.done: Deferred[None] = Deferred()
+        self.sending = True
+        self.hinted = False
+        self.verdict: bool | None = True if tally is None else None
+
+    def ok(self, result: codec.Result, target: Target) -> None:
+        reply = Reply.OK
+        if self.tally is not None and target.hint_for is None:
+            reply = self.tally.reply(result, self.record.version)
+            if reply is Reply.FAILED:
+                self.refusals.append(target)
+        self.quorum.add(target, reply)
+        self.landed()
+
+    def failed(self, failure: Failure, target: Target) -> None:
+        c = self.coordinator
+        c.health.call_failed(target.node, failure.value)
+        if isinstance(failure.value, NodeBusy):
+            self.busy.add(target)
+        if isinstance(failure.value, NodeHasNewerMap):
+            self.stale.append(failure.value)
+        self.quorum.add(target, _reply_kind(failure))
+        self.landed()
+
+    def stands(self, final: bool) -> None:
+        """Say whether this write is the one that counts (a one-round try)."""
+        self.verdict = final
+        self.landed()
+
+    def landed(self) -> None:
+        if self.sending:
+            return
+        quorum = self.quorum
+        if not self.done.called and quorum.outcome() is not None:
+            self.done.callback(None)
+        if self.verdict and not self.hinted and quorum.complete:
+            self.hinted = True
+            # A replica that refused this write holds a newer version: it
+            # needs no hint of this one.
+            for target in self.refusals:
+                quorum.replies[target] = Reply.OK
+            c = self.coordinator
+            c.hints.missed(self.key, self.record, quorum, self.preference, self.n)
 
 
 class Coordinator:
@@ -113,11 +448,13 @@ class Coordinator:
         hints: HintKeeper,
         sizes: QuorumSizes | None = None,
         metrics: ProxyMetrics | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         """``view``: the map to route by. A bare L{Ring} (tests, tools) is served as a
         provisional map of its nodes with ``sizes``; with a view, N, R and W are the
         map's and ``sizes`` is ignored. ``metrics``: where quorum outcomes, read
-        repairs and epoch retries are counted (default: a private registry)."""
+        repairs and epoch retries are counted (default: a private registry). ``clock``:
+        what hedge delays are timed by (default: the replica client's)."""
         if isinstance(view, Ring):
             view = MapView.of_ring(view, sizes or DEFAULT_SIZES)
         self.view = view
@@ -133,6 +470,25 @@ class Coordinator:
         self.defaults = Consistency()
         """This proxy's own default R and W in place of the map's (None: the map's);
         a reload that changes ``--r`` or ``--w`` sets them."""
+        self.clock: IReactorTime = replica_client.clock if clock is None else clock
+        self.latency = LatencyWindow()
+        """Recent replica read latencies: where the hedge delay comes from."""
+        self.read_all_fraction = READ_ALL_FRACTION
+        self._random = random.Random()
+        self._slow: dict[str, float] = {}
+        """Replicas that let a hedge fire, and until when they are asked last."""
+        self.hedges = 0
+        """Reads whose hedge fired (spares asked because the first R were slow)."""
+        self.reads_of_all = 0
+        """Reads that asked all N (the read-all share, or a move)."""
+        self.seen = SeenCounters()
+        """The newest version counter seen per key: one-round writes mint past it."""
+        self.one_round = True
+        """Whether writes that may (L{_in_one_round}) skip the version read."""
+        self.one_round_retries = 0
+        """One-round tries sent again with a newer version after refusals."""
+        self.one_round_fallbacks = 0
+        """One-round writes that fell back to reading the version first."""
 
     @property
     def repairs(self) -> int:
@@ -193,64 +549,69 @@ class Coordinator:
     async def read_record(
         self, key: str, n: int, r: int, placement: Placement | None = None
     ) -> Record | None:
-        """The newest record (tombstones included) that R replicas agree exists."""
+        """The newest record (tombstones included) that R replicas agree exists.
+
+        Hedged (see L{_Read}): R replicas are asked, the others only if one of
+        them fails or is slow. A share of reads (L{read_all_fraction}), and
+        every read while a move runs, asks all N.
+        """
         p = placement or self.view.placement
         replicas = p.read_ring.preference_list(key, n)
         quorum = ReadQuorum(replicas, r)
-        busy: set[str] = set()
-        done, check = _first(lambda: quorum.outcome() is not None)
-
-        def landed() -> None:
-            check()
-            if quorum.pending == 0:
-                self._repair(key, quorum, p.epoch)
-
-        calls = []
+        read = _Read(self, key, quorum, p.epoch)
+        health = self.health
+        # A replica with hints still waiting for it may be stale. A read
+        # quorum that intersects every write quorum (R + W > N) outvotes it
+        # anyway; a smaller one must not count it.
+        intersects = r + min(p.map.w, n) > n
+        up: list[tuple[str, bool]] = []
         for node in replicas:
-            if self.health.is_down(node):
+            if health.is_down(node):
                 quorum.fail(node)
-                continue
-            call = self.replica_client.replica_get(node, key, epoch=p.epoch)
-            # A replica with hints still waiting for it may be stale. A read
-            # quorum that intersects every write quorum (R + W > N) outvotes
-            # it anyway; a smaller one must not count it.
-            counts = r + min(p.map.w, n) > n or not self.health.has_hints_waiting(node)
-            call.addCallbacks(
-                self._read_ok,
-                self._read_failed,
-                callbackArgs=(quorum, node, counts, landed),
-                errbackArgs=(quorum, node, landed, busy),
-            )
-            calls.append(call)
-        check()
+            else:
+                up.append((node, intersects or not health.has_hints_waiting(node)))
+        # During a move (copying, handover) the nodes stream while they serve,
+        # so latency varies most; asking all N then answers with the fastest R
+        # without waiting for a hedge, and repairs every replica of the ranges
+        # that are settling. Moves are rare, so this costs little.
+        moving = len(p.write_rings) > 1
+        if moving or self._random.random() < self.read_all_fraction:
+            self.reads_of_all += 1
+            read.ask_all(up)
+        else:
+            read.start(self._hedge_order(up))
         try:
-            await done
+            await read.done
         except CancelledError:
             # The client hung up: stop asking. (Writes, past this point, are
             # never cancelled, so replicas do not end up half-written.)
-            for call in calls:
-                call.cancel()
+            read.cancel()
             raise
-        outcome = quorum.outcome()
-        if outcome is Outcome.OK:
-            return quorum.newest()
-        raise self._read_error(quorum, r, busy)
+        if quorum.outcome() is Outcome.OK:
+            newest = quorum.newest()
+            if newest is not None:
+                self.seen.saw(key, newest.version)
+            return newest
+        raise self._read_error(quorum, r, read.busy)
 
-    @staticmethod
-    def _read_ok(
-        record: Record | None, quorum: ReadQuorum, node: str, counts: bool, landed: Any
-    ) -> None:
-        quorum.add(node, record, counts=counts)
-        landed()
+    def _hedge_order(self, up: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+        """The order a hedged read asks ``up`` in: preference order, but
+        replicas that count towards R first, and recently slow ones last."""
+        slow = self._slow
+        if slow:
+            now = self.clock.seconds()
+            for node, until in list(slow.items()):
+                if until <= now:
+                    del slow[node]
+        if not slow and all(counts for _, counts in up):
+            return up
+        return sorted(up, key=lambda item: (not item[1], item[0] in slow))
 
-    def _read_failed(
-        self, failure: Failure, quorum: ReadQuorum, node: str, landed: Any, busy: set[str]
-    ) -> None:
-        self.health.call_failed(node, failure.value)
-        if isinstance(failure.value, NodeBusy):
-            busy.add(node)
-        quorum.fail(node, _reply_kind(failure))
-        landed()
+    def hedge_delay(self) -> float:
+        """Seconds a hedged read waits for its first R replicas before asking the
+        others: the recent p99 of replica reads, within its floor and cap, and at
+        most a quarter of the replica timeout (a hedge must come well before a 504)."""
+        return min(self.latency.delay(), self.replica_client.timeout / 4)
 
     @staticmethod
     def _read_error(quorum: ReadQuorum, r: int, busy: set[str]) -> QuorumUnavailable:
@@ -298,9 +659,12 @@ class Coordinator:
     ) -> WriteResult:
         async def run(p: Placement) -> WriteResult:
             n, r, w = self.quorum_sizes(c, p)
+            if self._in_one_round(key, pre, c, n, w, p):
+                return await self._write_one_round(key, value, content_type, c, n, w, p)
             current = await self._version_read(key, n, r, p)
             record, result = next_value(current, pre, self.versions, value, content_type)
             await self._replicate(key, record, n, w, c.sloppy, p)
+            self.seen.saw(key, record.version)
             return result
 
         return await self._at_epoch(run, write=True)
@@ -311,9 +675,122 @@ class Coordinator:
             current = await self._version_read(key, n, r, p)
             record = next_tombstone(key, current, pre, self.versions)
             await self._replicate(key, record, n, w, c.sloppy, p)
+            self.seen.saw(key, record.version)
             return record.version
 
         return await self._at_epoch(run, write=True)
+
+    def _in_one_round(
+        self, key: str, pre: Precondition, c: Consistency, n: int, w: int, p: Placement
+    ) -> bool:
+        """May this write skip the version read (see L{_write_one_round})?
+
+        Only when any two write quorums of its key intersect (2W > N, and a
+        hinted copy does not count: not ``sloppy``), it has no precondition
+        (If-Match and If-None-Match are checked against what the read finds),
+        and its key is not moving: while a move writes to two replica sets
+        (W in each), two writes' quorums need not share a replica of either set
+        at the boundary of two epochs, and the read-first path is what the
+        membership argument covers. A write that names its R (``?r=``) reads
+        with it, as it always did. (Deletes always read: a delete of a missing
+        key answers 404.)
+        """
+        if not self.one_round or c.sloppy or c.r is not None or 2 * w <= n:
+            return False
+        if not _unconditional(pre):
+            return False
+        if len(p.write_rings) == 1:
+            return True
+        first, *others = p.write_sets(key, n)
+        return all(set(s) == set(first) for s in others)
+
+    async def _write_one_round(
+        self,
+        key: str,
+        value: bytes,
+        content_type: str,
+        c: Consistency,
+        n: int,
+        w: int,
+        p: Placement,
+    ) -> WriteResult:
+        """A write that sends a tentative version at once instead of reading first.
+
+        The version is one past the newest this proxy saw for the key
+        (L{SeenVersions}; counter 1 if it saw none). Each replica applies it
+        only if it is newer than what it holds, and says what it held. The
+        write is acknowledged once W replicas applied it. If fewer did and some
+        refused with a newer version, it is sent again to all, one past the
+        newest refusal, at most L{ONE_ROUND_ATTEMPTS} times in all; then (or if
+        the map changed, or a node could not say what it held) it falls back
+        to reading the version first.
+
+        Why a write that starts after an acknowledged one still gets a larger
+        version: the two writes' quorums are W of the key's N replicas each,
+        so with 2W > N they share a replica. That replica holds the
+        acknowledged version (versions on a replica never go back) and refuses
+        a smaller one, so this write cannot reach W with a smaller version. A
+        losing try that a few replicas applied carries this write's own value
+        and is overwritten by its next try (or the fallback), with a larger
+        version; until then no quorum read returns it, since every read
+        quorum meets the acknowledged write's. Because a try may be on some
+        replicas, a failure after it is reported "unknown", never "not_applied".
+
+        ``created`` (201): no record was live before this write. Every
+        replica's answer says what it held before it; by the same intersection
+        one of the acknowledging replicas held the newest acknowledged write
+        (or something newer), so the newest record any answer reports
+        (refusals included, this write's own tries excluded) says whether the
+        key existed, as the read-first path's newest record does.
+        """
+        tally = _Tentative()
+        version = self.versions.mint_after(self.seen.get(key))
+        stale: list[NodeHasNewerMap] = []
+        try:
+            for attempt in range(ONE_ROUND_ATTEMPTS):
+                record = Record(version, value, content_type)
+                tally.minted.add(version)
+                write = await self._send_write(key, record, n, w, False, p, stale, tally)
+                if write.quorum.outcome() is Outcome.OK:
+                    write.stands(True)
+                    self.seen.saw(key, version)
+                    return WriteResult(version, created=tally.created())
+                refused, tally.refused = tally.refused, None
+                if write.quorum.outcome() is Outcome.UNKNOWN:
+                    tally.maybe_applied = True
+                done_trying = refused is None and not stale and not tally.blind
+                if done_trying or (stale and not tally.maybe_applied):
+                    # Failed as any write fails (no replica holds a newer
+                    # version), or refused for its epoch and applied nowhere:
+                    # then L{_at_epoch} runs it again at the new map.
+                    write.stands(True)
+                    raise self._write_error(write, w)
+                write.stands(False)
+                if refused is None or stale or tally.blind:
+                    break
+                self.seen.saw(key, refused)
+                if attempt + 1 < ONE_ROUND_ATTEMPTS:
+                    self.one_round_retries += 1
+                    version = self.versions.mint(refused)
+            self.one_round_fallbacks += 1
+            if stale:  # and a try may be on some replicas: read, then write, at the new map
+                if self.view.epoch == p.epoch:
+                    await self.view.settled()
+                if self.view.epoch != p.epoch:
+                    self._epoch_retries.inc()
+                p = self.view.placement
+                n, r, w = self.quorum_sizes(c, p)
+            else:
+                r = self.quorum_sizes(c, p).r
+            current = await self._version_read(key, n, r, p)
+            if current is not None and current.version not in tally.minted:
+                tally.note(current.version, not current.tombstone)
+            record, _ = next_value(current, Precondition(), self.versions, value, content_type)
+            await self._replicate(key, record, n, w, False, p)
+        except QuorumUnavailable as e:
+            raise tally.honest(e) from None
+        self.seen.saw(key, record.version)
+        return WriteResult(record.version, created=tally.created())
 
     async def _version_read(self, key: str, n: int, r: int, p: Placement) -> Record | None:
         """A write's first step; if it fails, nothing was written."""
@@ -364,6 +841,27 @@ class Coordinator:
         p: Placement,
         stale: list[NodeHasNewerMap],
     ) -> None:
+        write = await self._send_write(key, record, n, w, sloppy, p, stale)
+        if write.quorum.outcome() is not Outcome.OK:
+            raise self._write_error(write, w)
+
+    async def _send_write(
+        self,
+        key: str,
+        record: Record,
+        n: int,
+        w: int,
+        sloppy: bool,
+        p: Placement,
+        stale: list[NodeHasNewerMap],
+        tally: _Tentative | None = None,
+    ) -> _Write:
+        """Send ``record`` to its targets; the write once its quorum decided.
+
+        Raises before sending anything when W cannot be had (too many targets
+        down, or busy: L{_admit}). With a ``tally`` (a one-round write) a
+        replica's refusal is not an acknowledgement, and the answers feed it.
+        """
         sets = p.write_sets(key, n)
         quorum: AnyWriteQuorum
         if len(sets) > 1 and any(set(s) != set(sets[0]) for s in sets[1:]):
@@ -391,32 +889,24 @@ class Coordinator:
                 down=down,
             )
         self._admit(quorum, targets, w, write_cost(key, record))
-        busy: set[Target] = set()
-        decided, check = _first(lambda: quorum.outcome() is not None)
-
-        def landed() -> None:
-            check()
-            if quorum.complete:
-                self.hints.missed(key, record, quorum, preference, n)
-
+        write = _Write(self, key, record, quorum, preference, n, stale, tally)
+        put = self.replica_client.replica_write
         for target in targets:
-            call = self.replica_client.replica_put(
-                target.node, key, record, target.hint_for, epoch=p.epoch
-            )
-            call.addCallbacks(
-                self._write_ok,
-                self._write_failed,
-                callbackArgs=(quorum, target, landed),
-                errbackArgs=(quorum, target, landed, busy, stale),
-            )
-        check()
-        await decided
+            call = put(target.node, key, record, target.hint_for, epoch=p.epoch)
+            call.addCallbacks(write.ok, write.failed, callbackArgs=(target,), errbackArgs=(target,))
+        write.sending = False
+        write.landed()
+        await write.done
+        return write
+
+    @staticmethod
+    def _write_error(write: _Write, w: int) -> QuorumUnavailable:
+        """Why ``write`` (decided, not OK) failed, and whether it may have been applied."""
+        quorum, busy = write.quorum, write.busy
         outcome = quorum.outcome()
-        if outcome is Outcome.OK:
-            return
         counts = {"acks": quorum.acks, "required": w}
         if outcome is Outcome.FAILED and busy and busy.issuperset(quorum.replies):
-            raise Overloaded(
+            return Overloaded(
                 f"only {quorum.acks} of the {w} replicas needed had room for the write; "
                 "nothing was written, try again shortly",
                 **counts,
@@ -424,30 +914,25 @@ class Coordinator:
                 busy=sorted({t.node for t in busy}),
             )
         if outcome is Outcome.FAILED:
-            raise QuorumUnavailable(
+            return QuorumUnavailable(
                 f"only {quorum.acks} of the {w} replicas needed acknowledged; "
                 "the write was not applied",
                 **counts,
                 outcome="not_applied",
             )
         if any(reply is Reply.UNKNOWN for reply in quorum.replies.values()):
-            raise QuorumTimeout(
+            return QuorumTimeout(
                 f"only {quorum.acks} of the {w} replicas needed acknowledged in time; "
                 "the write may or may not have been applied",
                 **counts,
                 outcome="unknown",
             )
-        raise QuorumUnavailable(
+        return QuorumUnavailable(
             f"only {quorum.acks} of the {w} replicas needed acknowledged; the write "
             "is on some replicas and may still become visible",
             **counts,
             outcome="unknown",
         )
-
-    @staticmethod
-    def _write_ok(_: bool, quorum: WriteQuorum, target: Target, landed: Any) -> None:
-        quorum.add(target, Reply.OK)
-        landed()
 
     def _admit(self, quorum: AnyWriteQuorum, targets: list[Target], w: int, size: int) -> None:
         """Refuse the write, before anything is sent, unless W targets have room for it."""
@@ -478,20 +963,3 @@ class Coordinator:
             outcome="not_applied",
             busy=nodes,
         )
-
-    def _write_failed(
-        self,
-        failure: Failure,
-        quorum: WriteQuorum,
-        target: Target,
-        landed: Any,
-        busy: set[Target],
-        stale: list[NodeHasNewerMap],
-    ) -> None:
-        self.health.call_failed(target.node, failure.value)
-        if isinstance(failure.value, NodeBusy):
-            busy.add(target)
-        if isinstance(failure.value, NodeHasNewerMap):
-            stale.append(failure.value)
-        quorum.add(target, _reply_kind(failure))
-        landed()

@@ -137,6 +137,10 @@ def write_cost(key: str, record: Record) -> int:
     return len(key) + len(record.content_type) + len(record.value) + RECORD_OVERHEAD
 
 
+def _applied(result: codec.Result) -> bool:
+    return result.applied
+
+
 def _cancelled(exc: BaseException) -> bool:
     if isinstance(exc, CancelledError | neterror.ConnectingCancelledError):
         return True
@@ -178,6 +182,11 @@ class ReplicaClient:
         self.busy: dict[str, int] = {}
         self.metrics = metrics if metrics is not None else ReplicaMetrics.private()
         self.metrics.watch(self.queue_depths)
+
+    @property
+    def clock(self) -> IReactorTime:
+        """The reactor time its deadlines are counted in."""
+        return self._clock
 
     def queue_depths(self) -> list[tuple[str, str, int]]:
         """(node, kind, operations waiting) for every pipeline kept: the queue gauge."""
@@ -444,6 +453,19 @@ class ReplicaClient:
         Fails at once with L{NodeBusy} (nothing sent) while ``node`` has too
         many record bytes in flight.
         """
+        return self.replica_write(node, key, record, hint_for, epoch).addCallback(_applied)
+
+    def replica_write(
+        self,
+        node: str,
+        key: str,
+        record: Record,
+        hint_for: str | None = None,
+        epoch: int | None = None,
+    ) -> Deferred[codec.Result]:
+        """L{replica_put}, answered with the node's whole result: whether it was
+        applied and what the node held before (``held``, ``live``; ``live`` is None
+        from a node that does not say)."""
         started = now()
         size = write_cost(key, record)
         busy = self._admit(node, size)
@@ -460,14 +482,14 @@ class ReplicaClient:
         put.addBoth(self._release, node, size)
         return put.addBoth(self.metrics.node(node).put, started)
 
-    def _put(self, result: codec.Result, node: str) -> bool:
+    def _put(self, result: codec.Result, node: str) -> codec.Result:
         if result.status != 200:
             raise self._result_error(node, result)
-        return result.applied
+        return result
 
     async def _replica_put_alone(
         self, node: str, key: str, record: Record, hint_for: str | None, epoch: int | None
-    ) -> bool:
+    ) -> codec.Result:
         path = replica_put_path(key, hint_for)
         status, _, body = await self._call(
             node,
@@ -479,7 +501,10 @@ class ReplicaClient:
         if status != 200:
             raise self._node_error(node, status, body)
         try:
-            return bool(json.loads(body)["applied"])
+            answer = json.loads(body)
+            if not isinstance(answer, dict) or not isinstance(answer["applied"], bool):
+                raise TypeError
+            return codec.put_answer(answer)
         except (ValueError, KeyError, TypeError):
             raise BadReplicaAnswer(node, f"node {node} sent an unexpected answer") from None
 

@@ -90,7 +90,10 @@ class Result:
     ``status`` is 200 for success, 404 for a read that found nothing, and
     otherwise the HTTP status the same operation would have got on its own,
     with ``error`` and ``message``. A read may come back with ``inline``
-    False: the record exists but was left out to bound the response.
+    False: the record exists but was left out to bound the response. A put
+    says whether it was applied, and what the node held before (``held``,
+    ``live``): what a proxy's one-round write needs (see
+    L{shardkv.proxy.coordinator}). Old proxies ignore those fields.
     """
 
     status: int
@@ -99,6 +102,13 @@ class Result:
     inline: bool = True
     error: str = ""
     message: str = ""
+    held: Version | None = None
+    """For a put: the version the node held before it (a refused put: the newer
+    one that won), None when it held nothing."""
+    live: bool | None = None
+    """For a put: whether what it held was a live record, not a tombstone. None
+    when the node did not say (a hint; or a node older than this field, which
+    also leaves ``held`` out), so a proxy knows it cannot rely on either."""
 
 
 def fits(record: Record) -> bool:
@@ -242,8 +252,35 @@ def encode_response(results: Sequence[Result]) -> bytes:
             item["inline"] = False
         else:
             item["applied"] = result.applied
+            if result.live is not None:
+                item["live"] = result.live
+                if result.held is not None:
+                    item["held"] = str(result.held)
         out.append(item)
     return json.dumps({"results": out}, ensure_ascii=False).encode("utf-8")
+
+
+def put_answer(item: dict[str, Any], status: int = 200) -> Result:
+    """A put's result from its JSON object (a batch's item, or the single-key
+    route's answer); L{BatchError} if its ``held`` or ``live`` is malformed."""
+    live, held = item.get("live"), item.get("held")
+    if live is not None and not isinstance(live, bool):
+        raise BatchError("a put's live must be true or false")
+    version = None
+    if held is not None:
+        if not isinstance(held, str):
+            raise BatchError("a put's held must be a version string")
+        try:
+            version = Version.parse(held)
+        except VersionError as e:
+            raise BatchError(f"a put's held version is malformed: {e}") from None
+    return Result(
+        status,
+        applied=item.get("applied") is True,
+        inline=item.get("inline", True),
+        held=version,
+        live=live,
+    )
 
 
 def decode_response(body: bytes, expected: int) -> list[Result]:
@@ -266,7 +303,5 @@ def decode_response(body: bytes, expected: int) -> list[Result]:
         elif "record" in item:
             results.append(Result(status, record=_record(item["record"])))
         else:
-            results.append(
-                Result(status, applied=item.get("applied") is True, inline=item.get("inline", True))
-            )
+            results.append(put_answer(item, status))
     return results

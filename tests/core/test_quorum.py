@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from shardkv.core.quorum import (
     Consistency,
+    LatencyWindow,
     Outcome,
     QuorumSizes,
     ReadQuorum,
@@ -449,3 +450,45 @@ def test_read_quorum(case: ReadCase) -> None:
             }
             assert sorted(quorum.stale()) == sorted(expected)
             assert best in answers.values()
+
+
+# -- the hedge delay ------------------------------------------------------------
+
+
+def test_latency_window_starts_at_its_floor() -> None:
+    window = LatencyWindow(floor=0.002, cap=0.1)
+    assert window.delay() == 0.002
+    for _ in range(window.every - 1):
+        window.add(0.05)
+    assert window.delay() == 0.002  # not recomputed until `every` samples came in
+    window.add(0.05)
+    assert window.delay() == pytest.approx(0.05)
+
+
+def test_latency_window_takes_its_quantile_within_floor_and_cap() -> None:
+    window = LatencyWindow(0.99, size=100, every=100, floor=0.001, cap=0.5)
+    for i in range(100):
+        window.add(0.001 * (i + 1))  # 1 ms .. 100 ms
+    assert window.delay() == pytest.approx(0.100)
+    window = LatencyWindow(0.5, size=100, every=100, multiple=2.0, floor=0.001, cap=0.5)
+    for i in range(100):
+        window.add(0.001 * (i + 1))
+    assert window.delay() == pytest.approx(2 * 0.051)
+    for _ in range(100):
+        window.add(10.0)
+    assert window.delay() == 0.5
+    for _ in range(100):
+        window.add(0.0)
+    assert window.delay() == 0.001
+
+
+@PROPERTY
+@given(st.lists(st.floats(min_value=0.0, max_value=10.0), min_size=1, max_size=600))
+def test_latency_window_forgets_old_samples(samples: list[float]) -> None:
+    """The delay depends only on the last ``size`` samples, and stays within its bounds."""
+    window = LatencyWindow(size=64, every=1, floor=0.002, cap=0.1)
+    for s in samples:
+        window.add(s)
+    recent = sorted(samples[-64:])
+    expected = min(0.1, max(0.002, recent[min(len(recent) - 1, int(len(recent) * 0.99))]))
+    assert window.delay() == pytest.approx(expected)

@@ -24,6 +24,7 @@ from shardkv.core.versions import (
     check_incoming,
 )
 from tests.core.helpers import NINETY_SECONDS_MS, PROPERTY, V1, Wall, versions
+from tests.helpers import U64
 
 
 def test_version_text_forms() -> None:
@@ -153,7 +154,10 @@ def test_clock_rejects_bad_writer(writer: str) -> None:
     moves=st.lists(
         st.tuples(
             st.integers(min_value=-NINETY_SECONDS_MS, max_value=NINETY_SECONDS_MS),
-            st.one_of(st.none(), versions),
+            # Versions a node takes (L{check_incoming}): at the counter's cap the
+            # clock moves past the seen one's, which at the format's top has no
+            # successor (and no node stores such a version).
+            st.one_of(st.none(), versions.filter(lambda v: v.clock_ms < U64 // 2)),
         ),
         min_size=1,
         max_size=40,

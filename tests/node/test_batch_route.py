@@ -88,7 +88,8 @@ class NodeBatchTests(OneNodeCase):
         Gets, puts and hinted puts in one batch each get the answer they
         would get alone: a hint is kept apart from the node's own records,
         an older version is not applied, and stored records get the node's
-        own clock as stored_ms.
+        own clock as stored_ms. A put says what the node held before it
+        (``held``, ``live``); a hint does not.
         """
         self.engine.put("old", Record(V2, b"two", "text/plain"))
         self.engine.put("gone", Record.deleted(V1))
@@ -106,9 +107,9 @@ class NodeBatchTests(OneNodeCase):
             [
                 Result(200, record=Record(V2, b"two", "text/plain")),
                 Result(404, error="not_found", message="no record for key 'missing'"),
+                Result(200, applied=True, held=None, live=False),
                 Result(200, applied=True),
-                Result(200, applied=True),
-                Result(200, applied=False),
+                Result(200, applied=False, held=V2, live=True),
                 Result(200, record=Record.deleted(V1)),
             ],
         )
@@ -136,7 +137,7 @@ class NodeBatchTests(OneNodeCase):
         )
         self.assertEqual((results[0].status, results[0].error), (413, "value_too_large"))
         self.assertIn("16-byte limit", results[0].message)
-        self.assertEqual(results[1], Result(200, applied=True))
+        self.assertEqual(results[1], Result(200, applied=True, live=False))
         self.assertIsNone(self.engine.get("big"))
         self.assertIsNotNone(self.engine.get("ok"))
 
@@ -176,7 +177,7 @@ class NodeBatchTests(OneNodeCase):
         self.assertEqual((failed.status, failed.error), (503, "storage_failed"))
         self.assertIn(NODE_ID, full.message)
         self.assertIn("fsync returned EIO", failed.message)
-        self.assertEqual(ok, Result(200, applied=True))
+        self.assertEqual(ok, Result(200, applied=True, live=False))
 
         client, _ = self.client()
         d = client.replica_put(NODE_ID, "full", Record(V1, b"x"))

@@ -19,7 +19,7 @@ from shardkv.core.versions import Version, VersionClock
 from shardkv.errors import NotFound, PreconditionFailed, StorageFull, ValueTooLarge
 from shardkv.node.mapstore import MapStore
 from shardkv.node.members import Members
-from shardkv.node.store import NodeStore
+from shardkv.node.store import NodeStore, PutOutcome
 from shardkv.replica import codec
 from shardkv.storage.memory import MemoryEngine
 
@@ -187,6 +187,32 @@ class ReplicaRouteTests(SynchronousTestCase):
         self.assertEqual((record.version, record.stored_ms), (minted(2).version, NOW_MS))
         self.assertEqual(self.engine.hint_counts(), {})
 
+    def test_replica_put_says_what_the_node_held(self) -> None:
+        """
+        A replica write answers what the node held before it, queued writes
+        included: nothing; an older live record (applied); a newer tombstone
+        (refused). A hint answers a bare "applied", and a corrupt record counts
+        as nothing held.
+        """
+        put = self.store.replica_put
+        self.assertEqual(
+            self.successResultOf(put("k", minted(2), None)), PutOutcome(True, None, False)
+        )
+        self.assertEqual(
+            self.successResultOf(put("k", Record.deleted(minted(4).version), None)),
+            PutOutcome(True, minted(2).version, True),
+        )
+        self.assertEqual(
+            self.successResultOf(put("k", minted(3), None)),
+            PutOutcome(False, minted(4).version, False),
+        )
+        self.assertIs(self.successResultOf(put("k", minted(5), "127.0.0.1:8083")), True)
+        self.assertEqual(self.successResultOf(put("bad-1", minted(9), None)).held, None)
+        self.assertEqual(
+            self.successResultOf(self.store.replica_put_answer("k", minted(3), None)),
+            {"applied": False, "live": False, "held": str(minted(4).version)},
+        )
+
     def test_run_batch_returns_each_operations_outcome(self) -> None:
         """
         One operation's failure is its own outcome: the rest of the batch
@@ -209,7 +235,10 @@ class ReplicaRouteTests(SynchronousTestCase):
         self.assertEqual(got, self.engine.get("old"))
         assert isinstance(absent, NotFound) and isinstance(corrupt, NotFound)
         self.assertEqual((absent.code, corrupt.code), ("not_found", "corrupt_record"))
-        self.assertEqual((new, old, hinted), (True, False, True))
+        self.assertEqual(
+            (new, old, hinted),
+            (PutOutcome(True, None, False), PutOutcome(False, minted(5).version, True), True),
+        )
         assert isinstance(big, ValueTooLarge)
         self.assertEqual(
             (big.code, big.message),

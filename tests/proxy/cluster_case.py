@@ -25,6 +25,7 @@ from tests.helpers import (
     HTTP,
     NODES_3,
     NODES_5,
+    Call,
     NetworkFaults,
     Reply,
     answered,
@@ -123,19 +124,60 @@ class ClusterCase(SynchronousTestCase):
         self.assertTrue(answered(d), f"{method} {path} waited for a slow replica")
         return self.successResultOf(d)
 
-    def after_timeout(self, method: str, path: str, body: bytes | None = None) -> Reply:
-        """A request that is answered exactly when replica calls time out."""
-        return self.http.at_timeout(self.cluster.clock, TIMEOUT, method, path, body)
-
-    def call(self, method: str, path: str, body: bytes | None = None, **headers: str) -> Reply:
-        """A request, moving the clock past the timeout if it has to wait."""
+    def hedged(self, method: str, path: str, body: bytes | None = None, **headers: str) -> Reply:
+        """A request that must be answered once the clock moved one hedge delay at most
+        (a hedged read whose first R replicas include a hung or slow one asks the
+        others then), and not later."""
         d = self.http.start(method, path, body, headers)
         self.http.pump(d)
         if not answered(d):
+            self.cluster.clock.advance(self.cluster.coordinator.hedge_delay())
+            self.http.pump(d)
+        self.assertTrue(answered(d), f"{method} {path} waited longer than a hedge delay")
+        return self.successResultOf(d)
+
+    def hedge_delay(self) -> float:
+        return self.cluster.coordinator.hedge_delay()
+
+    def after_timeout(
+        self, method: str, path: str, body: bytes | None = None, **headers: str
+    ) -> Reply:
+        """A request that is answered exactly when replica calls time out (counted
+        from the hedge, if its read had to hedge first)."""
+        d = self.http.start(method, path, body, headers)
+        self.http.pump(d)
+        self.assertNoResult(d)
+        self.cluster.clock.advance(self.hedge_delay())
+        self.http.pump(d)
+        self.assertNoResult(d)
+        self.cluster.clock.advance(TIMEOUT - self.hedge_delay() - 0.01)
+        self.http.pump(d)
+        self.assertNoResult(d)
+        self.cluster.clock.advance(self.hedge_delay() + 0.02)
+        return self.http.finish(d)
+
+    def call(self, method: str, path: str, body: bytes | None = None, **headers: str) -> Reply:
+        """A request, moving the clock past a hedge delay, then past the timeout, as
+        long as it has to wait (a write's version read may hedge before its write)."""
+        d = self.http.start(method, path, body, headers)
+        self.http.pump(d)
+        for _ in range(3):
+            if answered(d):
+                break
+            self.cluster.clock.advance(self.cluster.coordinator.hedge_delay())
+            self.http.pump(d)
+            if answered(d):
+                break
             self.cluster.clock.advance(TIMEOUT + 0.01)
+            self.http.pump(d)
         reply = self.http.finish(d)
         settle(self.cluster)
         return reply
+
+    def replica_reads(self, key: str) -> list[Call]:
+        """The replica reads of ``key`` sent so far, in order."""
+        path = "/replica/kv/" + quote(key, safe="")
+        return [c for c in self.faults.calls if c.method == "GET" and c.path == path]
 
     def stored(self, node: str, key: str) -> Record | None:
         return self.cluster.nodes[node].store.engine.get(key)

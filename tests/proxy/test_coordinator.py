@@ -17,7 +17,9 @@ C{tests.proxy.test_hints}'s.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +32,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from shardkv.core.records import Record
 from shardkv.core.versions import Version, VersionClock
-from shardkv.errors import NodeBusy, StorageFull
+from shardkv.errors import NodeBusy, NodeUnreachable, StorageFull
 from shardkv.proxy.app import ProxyApp
-from shardkv.proxy.coordinator import Coordinator
+from shardkv.proxy.coordinator import ONE_ROUND_ATTEMPTS, Coordinator
 from shardkv.proxy.health import HealthMonitor
 from shardkv.proxy.hints import HintKeeper
 from shardkv.storage.memory import MemoryEngine
@@ -43,6 +45,7 @@ from tests.helpers import (
     HTTP,
     NODES_3,
     NODES_5,
+    Call,
     Reply,
     answered,
     check_health,
@@ -216,7 +219,9 @@ class QuorumLevelTests(ClusterCase):
     def test_r_and_w_decide_how_long_a_request_waits(self) -> None:
         """
         With one home replica hung, a request needing all three replies waits
-        for the timeout (then 504); one needing fewer answers at once.
+        for the timeout (then 504); one needing fewer answers within one hedge
+        delay (at once when the hung replica is not among the first R a
+        hedged read asks, or the request writes without reading first).
         """
         rows: list[tuple[str, str, dict[str, str], bool]] = [
             ("PUT", "?w=3", {}, True),
@@ -238,15 +243,12 @@ class QuorumLevelTests(ClusterCase):
             self.assertEqual(self.now("PUT", kv(key), b"old").code, 201)
             self.cluster.network.hung.add(home[position])
             body = b"new" if method == "PUT" else None
-            d = self.http.start(method, kv(key) + query, body, headers)
-            self.http.pump(d)
-            self.assertEqual(answered(d), not waits, row)
             if waits:
-                self.cluster.clock.advance(TIMEOUT + 0.01)
-                reply = self.http.finish(d)
+                reply = self.after_timeout(method, kv(key) + query, body, **headers)
                 self.assertEqual(reply.error(), (504, "replica_timeout"), row)
             else:
-                self.assertIn(self.successResultOf(d).code, (200, 201), row)
+                reply = self.hedged(method, kv(key) + query, body, **headers)
+                self.assertIn(reply.code, (200, 201), row)
 
     def test_invalid_quorum(self) -> None:
         """R or W above N, or not a positive whole number, is 400 and sends nothing."""
@@ -357,22 +359,20 @@ class OwnerFailureTests(OwnerCase):
 
     def test_refused_write_is_not_applied(self) -> None:
         """
-        A write whose owner refuses the connection is 503 and reaches no node:
-        its quorum read already fails, so no replica write is ever sent, and
-        the answer says so.
+        A write whose owner refuses the connection is 503 and reaches no node,
+        and the answer says so: a PUT (one round) is refused unsent; a DELETE's
+        quorum read already fails, so no replica write is ever sent.
         """
         self.refuse()
         for method, path, body in self.writes():
             self.cluster.health.mark(self.node, up=True)
             reply = self.http.request(method, path, body)
+            if method == "DELETE":
+                fields: dict[str, object] = {"replied": 0, "failed": [self.node]}
+            else:
+                fields = {"acks": 0}
             self.assertFields(
-                reply,
-                503,
-                "insufficient_replicas",
-                replied=0,
-                required=1,
-                failed=[self.node],
-                outcome="not_applied",
+                reply, 503, "insufficient_replicas", required=1, outcome="not_applied", **fields
             )
         self.assertEqual(self.faults.writes(), [])
         self.assertEqual((holders(self.cluster, self.key), hint_holders(self.cluster)), ([], {}))
@@ -416,6 +416,17 @@ class OwnerFailureTests(OwnerCase):
         for reply in [
             self.http.put(self.path, b"v"),
             self.http.post_json("/set", {"key": self.key, "value": "v"}),
+        ]:  # one-round writes: refused before anything is sent
+            self.assertFields(
+                reply,
+                503,
+                "insufficient_replicas",
+                acks=0,
+                required=1,
+                outcome="not_applied",
+                down=[self.node],
+            )
+        for reply in [
             self.http.get(self.path),
             self.http.get("/get?key=" + quote(self.key)),
             self.http.delete(self.path),
@@ -474,22 +485,26 @@ class OwnerFailureTests(OwnerCase):
 
     def test_hung_write_times_out(self) -> None:
         """
-        A wholly hung owner times out the write's quorum read: 504, and
-        nothing was sent, which the answer says.
+        A wholly hung owner times out a DELETE's quorum read: 504, and nothing
+        was sent, which the answer says. A PUT (one round) was sent: 504, and
+        its outcome is unknown.
         """
         for method, path, body in self.writes():
             self.cluster.health.mark(self.node, up=True)
             reply = self.hang(method, path, body)
-            self.assertFields(
-                reply,
-                504,
-                "replica_timeout",
-                replied=0,
-                required=1,
-                failed=[self.node],
-                outcome="not_applied",
-            )
-        self.assertEqual(self.faults.writes(), [])
+            if method == "DELETE":
+                fields: dict[str, object] = {
+                    "replied": 0,
+                    "failed": [self.node],
+                    "outcome": "not_applied",
+                }
+            else:
+                fields = {"acks": 0, "outcome": "unknown"}
+            self.assertFields(reply, 504, "replica_timeout", required=1, **fields)
+        # What reached a node: hints of the PUTs for the hung owner, nothing else.
+        settle(self.cluster)
+        self.assertEqual({c.hint_for for c in self.faults.writes()}, {self.node})
+        self.assertEqual(len(self.faults.writes()), 2)
 
     def test_hung_read_times_out(self) -> None:
         for path in [self.path, "/get?key=" + quote(self.key)]:
@@ -586,11 +601,11 @@ class NodeErrorTests(SynchronousTestCase):
 class SlowReplicaTests(ClusterCase):
     def test_hung_replica_is_not_waited_for(self) -> None:
         """
-        A hung home replica delays neither writes nor reads: they answer once
-        two replicas did, without the clock moving. When its calls time out
-        it is not marked down (only failed health checks do that for a node
-        that accepts connections), and the write it missed waits for it as a
-        hint.
+        A hung home replica delays neither writes nor reads by more than one
+        hedge delay: they answer once two replicas did, without waiting for
+        its timeout. When its calls time out it is not marked down (only
+        failed health checks do that for a node that accepts connections),
+        and the write it missed waits for it as a hint.
         """
         for size, position, op in itertools.product((3, 5), POSITIONS, ("PUT", "GET", "DELETE")):
             row = (size, position, op)
@@ -601,9 +616,9 @@ class SlowReplicaTests(ClusterCase):
             hung = home[position]
             self.cluster.network.hung.add(hung)
 
-            reply = self.now(op, kv(key), b"v1" if op == "PUT" else None)
+            reply = self.hedged(op, kv(key), b"v1" if op == "PUT" else None)
             self.assertEqual(reply.code, 200, row)
-            self.assertEqual(self.cluster.clock.seconds(), 0.0)
+            self.assertLessEqual(self.cluster.clock.seconds(), self.hedge_delay())
             if op == "GET":
                 self.assertEqual(reply.body, b"v0", row)
                 continue
@@ -621,8 +636,8 @@ class SlowReplicaTests(ClusterCase):
     def test_slow_replica_is_not_waited_for_and_catches_up(self) -> None:
         """
         A replica that answers late (within the timeout) does not delay the
-        answer, still applies the write, and is neither marked down nor
-        hinted for.
+        answer by more than a hedge delay, still applies the write, and is
+        neither marked down nor hinted for.
         """
         for size, position in itertools.product((3, 5), POSITIONS):
             row = (size, position)
@@ -631,10 +646,10 @@ class SlowReplicaTests(ClusterCase):
             home = home_replicas(self.cluster, key)
             slow = home[position]
             self.faults.delay[slow] = 1.5
-            reply = self.now("PUT", kv(key), b"v")
+            reply = self.hedged("PUT", kv(key), b"v")
             self.assertEqual(reply.code, 201, row)
             self.assertIsNone(self.stored(slow, key), row)
-            self.assertEqual(self.now("GET", kv(key)).body, b"v", row)
+            self.assertEqual(self.hedged("GET", kv(key)).body, b"v", row)
             self.cluster.clock.advance(1.5)
             settle(self.cluster)
             self.assertEqual(self.versions(key, [slow]), [version_of(reply)], row)
@@ -813,7 +828,7 @@ class OverloadTests(ClusterCase):
         self.use(3)
         self.assertEqual(self.now("PUT", kv("k"), b"v0").code, 201)
         refuse = lambda node, key, record, hint_for=None, epoch=None: fail(NodeBusy(node, 10_000))  # noqa: E731
-        with mock.patch.object(self.cluster.replica_client, "replica_put", refuse):
+        with mock.patch.object(self.cluster.replica_client, "replica_write", refuse):
             reply = self.now("PUT", kv("k"), b"v1")
         self.assertOverloaded(
             reply, acks=0, required=2, outcome="not_applied", busy=home_replicas(self.cluster, "k")
@@ -830,7 +845,7 @@ class OverloadTests(ClusterCase):
         self.assertEqual(self.now("PUT", kv("k"), b"v0").code, 201)
         self.faults.hang_writes.add(home[0])
         client = self.cluster.replica_client
-        real_put = client.replica_put
+        real_put = client.replica_write
 
         def put(
             node: str, key: str, record: Record, hint_for: str | None = None, epoch: Any = None
@@ -839,7 +854,7 @@ class OverloadTests(ClusterCase):
                 return fail(NodeBusy(node, 10_000))
             return real_put(node, key, record, hint_for, epoch)
 
-        with mock.patch.object(client, "replica_put", put):
+        with mock.patch.object(client, "replica_write", put):
             reply = self.now("PUT", kv("k"), b"v1")
         self.assertFields(reply, 503, "insufficient_replicas", acks=0, outcome="unknown")
         self.assertIsNone(reply.header("retry-after"))
@@ -926,11 +941,15 @@ class ReadRepairTests(ClusterCase):
         """
         A read at R=2 returns the newest record even when a replica it asked
         is stale, and then brings that replica up to date in the background.
+        A read that asks every replica (here every read: the read-all share is
+        1) finds a stale one wherever it is in the preference list; a hedged
+        read, only among the replicas it asked (L{test_hedged_read_repairs_the_replicas_it_asked}).
         """
         hows = ("missed write", "older record", "missing record", "missed delete")
         for how, position in itertools.product(hows, POSITIONS):
             row = (how, position)
             self.use(5)
+            self.cluster.coordinator.read_all_fraction = 1.0
             key = "k"
             home = home_replicas(self.cluster, key)
             stale = home[position]
@@ -956,6 +975,39 @@ class ReadRepairTests(ClusterCase):
             self.assertEqual(again.code, 404 if how == "missed delete" else 200, row)
             self.assertEqual(again.body, b"v2" if how != "missed delete" else again.body, row)
 
+    def test_hedged_read_repairs_the_replicas_it_asked(self) -> None:
+        """
+        A hedged read asks the first two home replicas. A stale one among them
+        is repaired; a stale third replica is not asked, so not repaired, until
+        a read asks every replica (the read-all share) or a hedge or a failure
+        makes a read ask it.
+        """
+        for position in POSITIONS:
+            self.use(3)
+            coordinator = self.cluster.coordinator
+            coordinator.read_all_fraction = 0.0
+            key = "k"
+            home = home_replicas(self.cluster, key)
+            stale = home[position]
+            self.assertEqual(self.now("PUT", kv(key), b"v1").code, 201)
+            self.make_stale("missed write", key, stale)
+            newest = self.stored(home[position - 1], key)
+            assert newest is not None
+
+            reads = len(self.replica_reads(key))
+            self.assertEqual(self.now("GET", kv(key)).body, b"v2", position)
+            settle(self.cluster)
+            asked = [c.node for c in self.replica_reads(key)[reads:]]
+            self.assertEqual(asked, home[:2], position)
+            self.assertEqual(coordinator.repairs, 1 if position < 2 else 0, position)
+            self.assertEqual(same_data(newest, self.stored(stale, key)), position < 2, position)
+
+            coordinator.read_all_fraction = 1.0
+            self.assertEqual(self.now("GET", kv(key)).body, b"v2", position)
+            settle(self.cluster)
+            self.assertEqual(coordinator.repairs, 1, position)
+            self.assertTrue(same_data(newest, self.stored(stale, key)), position)
+
     def test_up_to_date_replicas_are_not_repaired(self) -> None:
         self.use(5)
         self.now("PUT", kv("k"), b"v")
@@ -964,6 +1016,515 @@ class ReadRepairTests(ClusterCase):
             self.assertEqual(self.now("GET", kv("k")).body, b"v")
         settle(self.cluster)
         self.assertEqual((self.cluster.coordinator.repairs, len(self.faults.writes())), (0, sent))
+
+
+# -- one-round writes ------------------------------------------------------------
+
+
+class MintsLow:
+    """A version clock that ignores what it saw for its first ``low`` mints (every
+    try then loses), then mints as a real one does."""
+
+    def __init__(self, inner: VersionClock, low: int) -> None:
+        self.inner = inner
+        self.low = low
+        self.writer = inner.writer
+
+    def mint(self, seen: Version | None) -> Version:
+        if self.low > 0:
+            self.low -= 1
+            return self.inner.mint(None)
+        return self.inner.mint(seen)
+
+    def mint_after(self, counter: int | None) -> Version:
+        if self.low > 0:
+            self.low -= 1
+            return self.inner.mint(None)
+        return self.inner.mint_after(counter)
+
+
+class OneRoundWriteTests(ClusterCase):
+    """
+    A PUT with 2W > N, no precondition, not sloppy and no ``?r=``, on a key
+    that is not moving, sends a tentative version straight to the replicas
+    (one past the newest this proxy saw): one round instead of a version
+    read and then the write. A replica applies it only if it is newer than
+    what it holds and says what it held; refusals make the proxy mint past
+    the newest refusal and send again, a bounded number of times, and then
+    fall back to reading first.
+    """
+
+    def writes_of(self, key: str, since: int = 0) -> list[Call]:
+        return [c for c in self.faults.writes(key)[since:] if c.hint_for is None]
+
+    def other_proxy(self) -> tuple[HTTP, Coordinator]:
+        """A second proxy over the same nodes: its cache of versions is empty."""
+        proxy = self.cluster.add_proxy()
+        proxy.replica_client.pipeline_depth = 0
+        http = HTTP(
+            self, proxy.proxy, "http://127.0.0.1:8090", flusher(self.cluster.node_http, proxy.proxy)
+        )
+        return http, proxy.coordinator
+
+    def test_a_write_takes_one_round(self) -> None:
+        """
+        A new key: N replica writes, no replica read, 201. The next write of it
+        through the same proxy: one round again, at counter + 1, 200.
+        """
+        for size in (3, 5):
+            self.use(size)
+            home = home_replicas(self.cluster, "k")
+            reply = self.now("PUT", kv("k"), b"v1")
+            self.assertEqual(reply.code, 201, size)
+            self.assertEqual(self.replica_reads("k"), [], size)
+            self.assertEqual(sorted(c.node for c in self.writes_of("k")), sorted(home), size)
+            first = version_of(reply)
+            self.assertEqual(first.counter, 1)
+            reply = self.now("PUT", kv("k"), b"v2")
+            self.assertEqual((reply.code, version_of(reply).counter), (200, 2), size)
+            self.assertEqual(self.replica_reads("k"), [], size)
+            self.assertEqual(len(self.writes_of("k")), 6, size)
+            self.assertEqual(self.versions("k", home), [version_of(reply)] * 3, size)
+            coordinator = self.cluster.coordinator
+            self.assertEqual(
+                (coordinator.one_round_retries, coordinator.one_round_fallbacks), (0, 0)
+            )
+
+    def test_a_read_teaches_the_proxy_the_version(self) -> None:
+        """A key this proxy only read is written in one round, past what it read."""
+        self.use(3)
+        self.assertEqual(self.now("PUT", kv("k"), b"v1").code, 201)
+        http, coordinator = self.other_proxy()
+        self.assertEqual(http.get(kv("k")).body, b"v1")
+        reply = http.put(kv("k"), b"v2")
+        self.assertEqual((reply.code, version_of(reply).counter), (200, 2))
+        self.assertEqual(coordinator.one_round_retries, 0)
+
+    def test_refusal_then_a_newer_try(self) -> None:
+        """
+        A proxy that never saw the key mints counter 1; the replicas refuse it
+        (they hold counter 5) and say so; the second try, at counter 6, is
+        applied everywhere. Nothing was hinted for the losing try, and the
+        key existed: 200.
+        """
+        self.use(3)
+        home = home_replicas(self.cluster, "k")
+        for i in range(5):
+            self.now("PUT", kv("k"), b"v%d" % i)
+        http, coordinator = self.other_proxy()
+        before = len(self.writes_of("k"))
+        reply = http.put(kv("k"), b"new")
+        self.assertEqual((reply.code, version_of(reply).counter), (200, 6))
+        self.assertEqual(len(self.writes_of("k", before)), 6)  # two tries of three
+        self.assertEqual(self.replica_reads("k"), [])
+        self.assertEqual((coordinator.one_round_retries, coordinator.one_round_fallbacks), (1, 0))
+        settle(self.cluster)
+        self.assertEqual(self.versions("k", home), [version_of(reply)] * 3)
+        self.no_hints()
+
+    def test_a_newer_tombstone_refuses_too(self) -> None:
+        """A key deleted at counter 3: a try at counter 1 is refused by the
+        tombstone, the next one (4) wins, and the key did not exist: 201."""
+        self.use(3)
+        self.now("PUT", kv("k"), b"v1")
+        self.now("PUT", kv("k"), b"v2")
+        self.assertEqual(self.now("DELETE", kv("k")).code, 200)
+        http, coordinator = self.other_proxy()
+        reply = http.put(kv("k"), b"again")
+        self.assertEqual((reply.code, version_of(reply).counter), (201, 4))
+        self.assertEqual(coordinator.one_round_retries, 1)
+
+    def test_fallback_after_the_bound(self) -> None:
+        """
+        When every try loses (here the clock ignores what it saw), after
+        ONE_ROUND_ATTEMPTS tries the write reads the version first and writes
+        past it, as before: it is acknowledged with a larger version, and the
+        losing tries are overwritten everywhere.
+        """
+        self.use(3)
+        home = home_replicas(self.cluster, "k")
+        for i in range(4):
+            self.now("PUT", kv("k"), b"v%d" % i)
+        coordinator = self.cluster.coordinator
+        old = self.versions("k", home)[0]
+        assert old is not None
+        coordinator.versions = MintsLow(coordinator.versions, ONE_ROUND_ATTEMPTS)  # type: ignore[assignment]
+        reads = len(self.replica_reads("k"))
+        reply = self.now("PUT", kv("k"), b"won")
+        self.assertEqual(reply.code, 200)
+        self.assertGreater(version_of(reply), old)
+        self.assertEqual(coordinator.one_round_fallbacks, 1)
+        self.assertEqual(coordinator.one_round_retries, ONE_ROUND_ATTEMPTS - 1)
+        self.assertEqual(len(self.replica_reads("k")) - reads, 2)
+        settle(self.cluster)
+        self.assertEqual(self.versions("k", home), [version_of(reply)] * 3)
+        self.no_hints()
+
+    def test_writes_that_read_first(self) -> None:
+        """
+        These still read the version first: 2W <= N (?w=1, or N=2 with W=1),
+        a write that names its R, a sloppy one, a conditional one (If-Match,
+        If-None-Match), and every delete.
+        """
+        rows: list[tuple[str, str, dict[str, str], int]] = [
+            ("PUT", "?w=1", {}, 3),
+            ("PUT", "?r=2", {}, 3),
+            ("PUT", "?r=1&w=2", {}, 3),
+            ("PUT", "?sloppy=true", {}, 3),
+            ("PUT", "", {"If-Match": "*"}, 3),
+            ("PUT", "", {"If-None-Match": "*"}, 3),
+            ("DELETE", "", {}, 3),
+            ("PUT", "?w=1", {}, 2),
+        ]
+        for method, query, headers, n in rows:
+            row = (method, query, headers, n)
+            self.use(3, replicas=n, w=min(2, n), r=min(2, n))
+            self.cluster.coordinator.read_all_fraction = 0.0
+            self.assertEqual(self.now("PUT", kv("k"), b"v").code, 201, row)
+            self.assertEqual(self.replica_reads("k"), [], row)
+            reply = self.now(method, kv("k") + query, b"x" if method == "PUT" else None, **headers)
+            if "If-None-Match" in headers:
+                self.assertEqual(reply.code, 412, row)
+            else:
+                self.assertEqual(reply.code, 200, row)
+            self.assertGreater(len(self.replica_reads("k")), 0, row)
+
+    def test_a_conditional_write_sees_the_key(self) -> None:
+        """If-None-Match: * reads first, so a PUT that must only create fails
+        on an existing key even through a proxy that never saw it."""
+        self.use(3)
+        self.assertEqual(self.now("PUT", kv("k"), b"v").code, 201)
+        http, _ = self.other_proxy()
+        reply = http.put(kv("k"), b"x", headers={"If-None-Match": "*"})
+        self.assertEqual(reply.code, 412)
+
+    def test_created_by_the_intersection(self) -> None:
+        """
+        ``created`` is decided by what the acknowledging replicas held: a key
+        on only two of its three replicas (the third missed it and its hint was
+        lost) is "not created" whichever two replicas acknowledge, since any
+        two include one that holds it.
+        """
+        for down in POSITIONS:
+            self.use(3)
+            home = home_replicas(self.cluster, "k")
+            missed = home[(down + 1) % 3]
+            self.down(missed)
+            self.assertEqual(self.now("PUT", kv("k"), b"v1").code, 201)
+            for app in self.cluster.nodes.values():  # the hint is lost
+                for target in app.store.engine.hint_counts():
+                    for k, record in app.store.engine.hints(target):
+                        self.successResultOf(app.store.engine.remove_hint(target, k, record))
+            self.restart(missed)
+            self.down(home[down])
+            http, _ = self.other_proxy()
+            reply = http.put(kv("k"), b"v2")
+            self.assertEqual(reply.code, 200, (down, reply.body))
+
+    def test_a_write_after_a_delete_is_created(self) -> None:
+        self.use(3)
+        self.assertEqual(self.now("PUT", kv("k"), b"v1").code, 201)
+        self.assertEqual(self.now("PUT", kv("k"), b"v2").code, 200)
+        self.assertEqual(self.now("DELETE", kv("k")).code, 200)
+        self.assertEqual(self.now("PUT", kv("k"), b"v3").code, 201)
+        self.assertEqual(self.now("PUT", kv("k"), b"v4").code, 200)
+
+    def test_a_failure_after_a_try_was_applied_is_unknown(self) -> None:
+        """
+        A first try applied on one stale replica and refused by the other two;
+        every later try and the fallback's read find nothing reachable: the
+        answer may not say "not_applied", since the first try is on a replica.
+        """
+        self.use(3)
+        home = home_replicas(self.cluster, "k")
+        self.down(home[0])
+        for i in range(3):
+            self.assertEqual(self.now("PUT", kv("k"), b"v%d" % i).code, (201, 200, 200)[i])
+        for app in self.cluster.nodes.values():
+            for target in app.store.engine.hint_counts():
+                for k, record in app.store.engine.hints(target):
+                    self.successResultOf(app.store.engine.remove_hint(target, k, record))
+        self.restart(home[0])
+        http, coordinator = self.other_proxy()
+        client = coordinator.replica_client
+        real = client.replica_write
+        tries: list[str] = []
+
+        def write(
+            node: str, key: str, record: Record, hint_for: Any = None, epoch: Any = None
+        ) -> Any:
+            tries.append(node)
+            if len(tries) > 3:
+                return fail(NodeUnreachable(node, "gone", sent=False))
+            return real(node, key, record, hint_for, epoch)
+
+        with mock.patch.object(client, "replica_write", write):
+            reply = http.put(kv("k"), b"lost")
+        self.assertEqual(reply.error()[1], "insufficient_replicas", reply.body)
+        self.assertEqual(reply.json()["outcome"], "unknown", reply.body)
+        self.assertIn("an earlier try of this write is on some replicas", reply.json()["message"])
+        self.assertEqual(self.stored(home[0], "k").value, b"lost")  # type: ignore[union-attr]
+
+    def test_a_node_that_does_not_say_what_it_held(self) -> None:
+        """
+        A node older than the ``held``/``live`` fields refuses without saying
+        what it holds: the write falls back to reading first at once.
+        """
+        self.use(3)
+        for i in range(3):
+            self.now("PUT", kv("k"), b"v%d" % i)
+        http, coordinator = self.other_proxy()
+        client = coordinator.replica_client
+        real = client.replica_write
+
+        def old_node(
+            node: str, key: str, record: Record, hint_for: Any = None, epoch: Any = None
+        ) -> Any:
+            return real(node, key, record, hint_for, epoch).addCallback(
+                lambda r: dataclasses.replace(r, held=None, live=None)
+            )
+
+        with mock.patch.object(client, "replica_write", old_node):
+            reply = http.put(kv("k"), b"new")
+        self.assertEqual((reply.code, version_of(reply).counter), (200, 4))
+        self.assertEqual((coordinator.one_round_retries, coordinator.one_round_fallbacks), (0, 1))
+
+    def test_concurrent_writers_converge_on_one_winner(self) -> None:
+        """
+        Three proxies that never saw the key write it at once, again and again:
+        every write is acknowledged, every home replica ends with the same
+        record, it is the acknowledged write with the largest version, and a
+        read through any proxy returns it.
+        """
+        self.use(3)
+        home = home_replicas(self.cluster, "k")
+        proxies = [self.other_proxy() for _ in range(3)]
+        acked: dict[Version, bytes] = {}
+        for turn in range(6):
+            # Proxy `turn % 3` first writes alone a few times, so the others'
+            # guesses fall behind and their tries are refused.
+            lead, _ = proxies[turn % 3]
+            for j in range(turn):
+                reply = lead.put(kv("k"), b"lead-%d-%d" % (turn, j))
+                acked[version_of(reply)] = b"lead-%d-%d" % (turn, j)
+            pending = [
+                (http.start("PUT", kv("k"), b"p%d-%d" % (i, turn)), b"p%d-%d" % (i, turn))
+                for i, (http, _) in enumerate(proxies)
+            ]
+            for d, value in pending:
+                reply = proxies[0][0].finish(d)
+                self.assertIn(reply.code, (200, 201), reply.body)
+                acked[version_of(reply)] = value
+            settle(self.cluster)
+            records = [self.stored(n, "k") for n in home]
+            self.assertEqual(len({r.version for r in records if r}), 1, (turn, records))
+            winner = max(acked)
+            self.assertEqual([r.value for r in records if r], [acked[winner]] * 3, turn)
+            for http, _ in proxies:
+                self.assertEqual(http.get(kv("k")).body, acked[winner], turn)
+        self.assertGreater(sum(c.one_round_retries for _, c in proxies), 3)
+
+
+# -- hedged reads ---------------------------------------------------------------
+
+
+class HedgedReadTests(ClusterCase):
+    """
+    A read asks the first R healthy home replicas that count towards R, and
+    the others only when one of those fails (at once) or has not answered
+    within the hedge delay (on the cluster's clock). A share of reads asks
+    all N, and so does every read while a move runs
+    (L{tests.proxy.test_coordinator_joint}).
+    """
+
+    def use_hedged(self, size: int = 3, **levels: int) -> list[str]:
+        """A fresh cluster whose reads all hedge; the home replicas of ``k`` (written)."""
+        self.use(size, **levels)
+        self.cluster.coordinator.read_all_fraction = 0.0
+        self.assertEqual(self.now("PUT", kv("k"), b"v").code, 201)
+        return home_replicas(self.cluster, "k")
+
+    def asked(self, since: int = 0) -> list[str]:
+        return [c.node for c in self.replica_reads("k")[since:]]
+
+    def test_a_read_asks_only_r_replicas(self) -> None:
+        for size, r in [(3, 2), (5, 2), (5, 1), (5, 3)]:
+            home = self.use_hedged(size)
+            before = len(self.replica_reads("k"))
+            got = self.now("GET", kv("k") + f"?r={r}")
+            self.assertEqual((got.code, got.body), (200, b"v"), (size, r))
+            self.assertEqual(self.asked(before), home[:r], (size, r))
+            self.assertEqual(self.cluster.coordinator.hedges, 0)
+
+    def test_the_hedge_fires_after_the_delay(self) -> None:
+        """
+        With the first replica hung, the read waits exactly one hedge delay,
+        then asks the third and answers from it and the second. The hung one
+        is not marked down (a timeout is not a failure).
+        """
+        for position in (0, 1):
+            home = self.use_hedged()
+            coordinator = self.cluster.coordinator
+            self.cluster.network.hung.add(home[position])
+            before = len(self.replica_reads("k"))
+            d = self.http.start("GET", kv("k"))
+            self.http.pump(d)
+            self.assertNoResult(d)
+            delay = coordinator.hedge_delay()
+            self.cluster.clock.advance(delay * 0.99)
+            self.http.pump(d)
+            self.assertNoResult(d)
+            self.assertEqual(self.asked(before), [n for n in home[:2] if n != home[position]])
+            self.cluster.clock.advance(delay * 0.02)
+            got = self.http.finish(d)
+            self.assertEqual((got.code, got.body), (200, b"v"), position)
+            self.assertEqual(self.asked(before)[-1], home[2], position)
+            self.assertEqual(coordinator.hedges, 1, position)
+            self.cluster.clock.advance(TIMEOUT)
+            settle(self.cluster)
+            self.assertFalse(self.cluster.health.is_down(home[position]), position)
+
+    def test_a_replica_that_let_the_hedge_fire_is_asked_last(self) -> None:
+        """
+        After a hedge, the replica that was slow is asked after the others for
+        SLOW_FOR seconds, so that a paused node does not cost every read a
+        hedge delay until health marks it down; then it is asked first again.
+        """
+        from shardkv.proxy.coordinator import SLOW_FOR
+
+        home = self.use_hedged()
+        self.cluster.network.hung.add(home[0])
+        self.assertEqual(self.hedged("GET", kv("k")).body, b"v")
+        self.cluster.network.hung.clear()
+        before = len(self.replica_reads("k"))
+        self.assertEqual(self.now("GET", kv("k")).body, b"v")
+        self.assertEqual(self.asked(before), home[1:])
+        self.cluster.clock.advance(SLOW_FOR)
+        settle(self.cluster)
+        before = len(self.replica_reads("k"))
+        self.assertEqual(self.now("GET", kv("k")).body, b"v")
+        self.assertEqual(self.asked(before), home[:2])
+        self.assertEqual(self.cluster.coordinator.hedges, 1)
+
+    def test_a_late_answer_clears_the_slow_mark(self) -> None:
+        home = self.use_hedged()
+        self.faults.delay[home[0]] = 0.5
+        self.assertEqual(self.hedged("GET", kv("k")).body, b"v")
+        self.cluster.clock.advance(0.5)  # its late answer lands: it is fast again
+        settle(self.cluster)
+        self.faults.delay.clear()
+        before = len(self.replica_reads("k"))
+        self.assertEqual(self.now("GET", kv("k")).body, b"v")
+        self.assertEqual(self.asked(before), home[:2])
+
+    def test_a_failed_replica_makes_the_read_ask_the_next_at_once(self) -> None:
+        """
+        A refused connection (the node died, health does not know yet) is a
+        failure: the next replica is asked at once, without waiting for a
+        hedge, and the node is marked down. Once it is known to be down, reads
+        skip it and ask the other two.
+        """
+        for position in (0, 1):
+            home = self.use_hedged()
+            self.cluster.network.down.add(home[position])
+            before = len(self.replica_reads("k"))
+            got = self.now("GET", kv("k"))
+            self.assertEqual((got.code, got.body), (200, b"v"), position)
+            # (The refused call never reaches the network log.)
+            others = [n for n in home if n != home[position]]
+            self.assertEqual(self.asked(before), others, position)
+            self.assertTrue(self.cluster.health.is_down(home[position]), position)
+            self.cluster.network.down.clear()  # it works again; health does not know yet
+            before = len(self.faults.calls)
+            self.assertEqual(self.now("GET", kv("k")).body, b"v", position)
+            asked = [c.node for c in self.faults.calls[before:]]
+            self.assertEqual(asked, others, position)
+            self.assertEqual(self.cluster.coordinator.hedges, 0)
+
+    def test_two_failures_of_three_fail_the_read(self) -> None:
+        home = self.use_hedged()
+        self.cluster.network.down.update(home[:2])
+        got = self.now("GET", kv("k"))
+        self.assertEqual(got.error(), (503, "insufficient_replicas"))
+        self.assertEqual((got.json()["replied"], got.json()["failed"]), (1, sorted(home[:2])))
+
+    def test_a_hung_spare_is_not_waited_for(self) -> None:
+        """With the third replica hung, a hedged read never asks it."""
+        home = self.use_hedged()
+        self.cluster.network.hung.add(home[2])
+        before = len(self.replica_reads("k"))
+        self.assertEqual(self.now("GET", kv("k")).body, b"v")
+        self.assertEqual(self.asked(before), home[:2])
+
+    def test_the_read_all_share(self) -> None:
+        """
+        A read asks all N with probability ``read_all_fraction`` (0.1 by
+        default, drawn from the coordinator's random), R otherwise.
+        """
+        from shardkv.proxy.coordinator import READ_ALL_FRACTION
+
+        self.use(3)
+        coordinator = self.cluster.coordinator
+        self.assertEqual(coordinator.read_all_fraction, READ_ALL_FRACTION)
+        self.assertEqual(self.now("PUT", kv("k"), b"v").code, 201)
+        coordinator._random = random.Random(7)
+        before = len(self.replica_reads("k"))
+        reads = 400
+        for _ in range(reads):
+            self.assertEqual(self.now("GET", kv("k")).body, b"v")
+        asked = len(self.replica_reads("k")) - before
+        alls = coordinator.reads_of_all
+        self.assertEqual(asked, 2 * reads + alls)
+        self.assertTrue(0.05 * reads < alls < 0.15 * reads, alls)
+
+    def test_hedge_delay_follows_replica_latency(self) -> None:
+        """
+        The delay is the recent p99 of replica reads, at least its floor, at
+        most its cap and a quarter of the replica timeout.
+        """
+        self.use(3)
+        coordinator = self.cluster.coordinator
+        window = coordinator.latency
+        self.assertEqual(coordinator.hedge_delay(), window.floor)
+        for _ in range(window.every):
+            window.add(0.02)
+        self.assertAlmostEqual(coordinator.hedge_delay(), 0.02)
+        for _ in range(window.every):
+            window.add(5.0)
+        self.assertAlmostEqual(coordinator.hedge_delay(), window.cap)
+        self.cluster.replica_client.timeout = 0.2
+        self.assertAlmostEqual(coordinator.hedge_delay(), 0.05)
+
+    def test_observed_latency_sets_the_delay(self) -> None:
+        """Replica answers that take 30 ms of clock time make the hedge wait about that."""
+        self.use_hedged()
+        for node in NODES_3:
+            self.faults.delay[node] = 0.03
+        coordinator = self.cluster.coordinator
+        for _ in range(coordinator.latency.every // 2):
+            d = self.http.start("GET", kv("k"))
+            self.http.pump(d)
+            self.cluster.clock.advance(0.03)
+            self.assertEqual(self.http.finish(d).body, b"v")
+        self.assertAlmostEqual(coordinator.hedge_delay(), 0.03, places=3)
+
+    def test_a_stale_replica_with_hints_waiting_is_not_asked_first_when_r_w_le_n(self) -> None:
+        """
+        With R + W <= N (R=1 here), a replica that hints wait for does not
+        count towards R: a hedged read asks a replica that counts instead,
+        and never answers from the stale one alone.
+        """
+        for position in POSITIONS:
+            home = self.use_hedged()
+            behind = home[position]
+            self.down(behind)
+            self.assertEqual(self.now("PUT", kv("k"), b"v1").code, 200)
+            self.restart(behind)
+            self.assertTrue(self.cluster.health.has_hints_waiting(behind))
+            before = len(self.replica_reads("k"))
+            got = self.now("GET", kv("k") + "?r=1")
+            self.assertEqual((got.code, got.body), (200, b"v1"), position)
+            self.assertEqual(self.asked(before), [n for n in home if n != behind][:1], position)
 
 
 # -- what clients can rely on -------------------------------------------------

@@ -495,6 +495,25 @@ class OneNodeTests(OneNodeCase):
             [("POST", "/replica/batch"), ("GET", "/replica/kv/large")],
         )
 
+    def test_a_write_answers_what_the_node_held_both_ways(self) -> None:
+        """
+        ReplicaClient.replica_write gives the node's whole answer, on the
+        single-key route (a record over the inline limit) as in a batch:
+        applied, and what the node held before (its version and whether it was
+        live); a hint says only applied.
+        """
+        client, _ = self.client()
+        for size in (MAX_INLINE_VALUE + 1, 10):
+            key = f"k{size}"
+            first = self.wait(client.replica_write(NODE_ID, key, Record(V1, b"L" * size)))
+            self.assertEqual((first.applied, first.held, first.live), (True, None, False), size)
+            newer = self.wait(client.replica_write(NODE_ID, key, Record.deleted(V2)))
+            self.assertEqual((newer.applied, newer.held, newer.live), (True, V1, True), size)
+            older = self.wait(client.replica_write(NODE_ID, key, Record(V1, b"x")))
+            self.assertEqual((older.applied, older.held, older.live), (False, V2, False), size)
+            hint = self.wait(client.replica_write(NODE_ID, key, Record(V1, b"x"), "127.0.0.1:8085"))
+            self.assertEqual((hint.applied, hint.live), (True, None), size)
+
     def test_a_record_that_does_not_fit_is_put_on_its_own(self) -> None:
         """
         ReplicaClient.replica_put sends a record over the inline limit as a
@@ -539,6 +558,10 @@ class ClusterBatchingTests(SynchronousTestCase):
 
     def use(self, pipeline_depth: int = 1, slow: bool = True) -> None:
         self.cluster = memory_cluster(NODES_3, TIMEOUT, pipeline_depth=pipeline_depth)
+        # Batching, not hedging, is tested here: every read asks all three
+        # replicas, so the queues hold what these tests count (hedged reads:
+        # tests/proxy/test_coordinator.py).
+        self.cluster.coordinator.read_all_fraction = 1.0
         self.http = cluster_http(self, self.cluster)
         self.faults = NetworkFaults(self.cluster.network.inner, self.cluster.clock)
         self.cluster.network.inner = self.faults
@@ -669,7 +692,8 @@ class ClusterBatchingTests(SynchronousTestCase):
                 "bytes": sum(write_cost(n, Record(V1, n.encode(), "text/plain")) for n in names),
             },
         )
-        self.assertEqual(stats["read"]["queued"], 19)
+        # Ten GETs; the PUTs wrote in one round, with no version read.
+        self.assertEqual(stats["read"]["queued"], 9)
         self.assertEqual(stats["write"]["queued"], 9)
 
         probe = self.cluster.replica_client.replica_get(hung, "h0")

@@ -98,6 +98,13 @@ results = st.one_of(
     st.builds(
         Result,
         statuses,
+        applied=st.booleans(),
+        held=st.one_of(st.none(), versions),
+        live=st.booleans(),
+    ),
+    st.builds(
+        Result,
+        statuses,
         error=st.text(utf8_chars, min_size=1, max_size=40),
         message=st.text(utf8_chars, max_size=200),
     ),
@@ -418,6 +425,46 @@ def test_each_result_kind_is_written_with_only_its_own_fields() -> None:
             {"status": 200, "applied": True},
         ]
     }
+
+
+def test_a_put_says_what_the_node_held() -> None:
+    """
+    A put's result may say what the node held before it (``held``, left out
+    when nothing) and whether that was live; a result without ``live`` is a
+    node that does not say (an older one, or a hint), read as None.
+    """
+    body = encode_response(
+        [
+            Result(200, applied=False, held=V2, live=True),
+            Result(200, applied=True, live=False),
+            Result(200, applied=True),
+        ]
+    )
+    assert json.loads(body)["results"] == [
+        {"status": 200, "applied": False, "live": True, "held": str(V2)},
+        {"status": 200, "applied": True, "live": False},
+        {"status": 200, "applied": True},
+    ]
+    old, new = decode_response(
+        b'{"results": [{"status": 200, "applied": true}, '
+        b'{"status": 200, "applied": false, "live": false, "held": "' + str(V1).encode() + b'"}]}',
+        2,
+    )
+    assert (old.live, old.held) == (None, None)
+    assert (new.applied, new.live, new.held) == (False, False, V1)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"status": 200, "applied": True, "live": "yes"},
+        {"status": 200, "applied": False, "live": True, "held": 7},
+        {"status": 200, "applied": False, "live": True, "held": "not-a-version"},
+    ],
+)
+def test_a_malformed_held_or_live_is_a_batch_error(item: dict[str, Any]) -> None:
+    with pytest.raises(BatchError):
+        decode_response(json.dumps({"results": [item]}).encode(), 1)
 
 
 # -- the stream's bounds ---------------------------------------------------------
