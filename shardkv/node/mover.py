@@ -26,8 +26,10 @@ engine's metadata (``move/<epoch>/stream``, ``move/<epoch>/cleanup``), so a
 node killed mid-move resumes after the last acknowledged round; the copies
 re-sent from there are harmless. A task that finished stores ``done``.
 
-Everything runs on the reactor, a chunk of records per turn: a move never
-holds the node's foreground requests for more than one chunk's work. Two
+Everything runs on the reactor, a chunk of records per turn (a smaller one
+under a rate cap), and the rings a task needs are built a step per turn
+(L{shardkv.cluster.stepwise}): a move never holds the node's foreground
+requests for more than one chunk's work. Two
 rounds of batches at most are in flight (backpressure: the scan waits for the
 older round's acknowledgement before it reads further). A failed batch (the
 destination is down, busy or slow) is retried, the same batch, after a
