@@ -18,7 +18,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from twisted.application.service import IService, MultiService
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.internet.threads import deferToThreadPool
 
 from shardkv.cluster.proposer import MapProposer
 from shardkv.cluster.sync import MapSync
@@ -189,12 +188,7 @@ def make_proxy_service(
     )
     sizes = QuorumSizes(replicas, r, w)
     vnodes = DEFAULT_VNODES if vnodes is None else vnodes
-    view = MapView.from_nodes(
-        nodes,
-        sizes,
-        vnodes,
-        build=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
-    )
+    view = MapView.from_nodes(nodes, sizes, vnodes, clock=reactor)
     replica_client.newer_map = view.receive_json
     writer = f"{writer_id or 'proxy'}.{secrets.token_hex(3)}"
     proposer = MapProposer(replica_client, writer, reactor, random.Random())
