@@ -12,7 +12,6 @@ change in the running tree (L{shardkv.reload}).
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -22,6 +21,7 @@ from twisted.application.service import IService, IServiceCollection, MultiServi
 from twisted.logger import Logger
 from twisted.python import usage
 
+from shardkv.heap import freeze_startup_heap
 from shardkv.logs import set_level, use_with_twistd
 from shardkv.node.service import make_node_service
 from shardkv.options import ClusterOptions, NodeOptions, ProxyOptions
@@ -153,20 +153,6 @@ def add_reload_service(sub: Any, service: Any, reactor: Any) -> None:
     else:
         reload_service = ReloadService(_reloader(sub, service), reactor)
     reload_service.setServiceParent(service)
-
-
-def freeze_startup_heap() -> None:
-    """Hide what is alive once the services run from the garbage collector.
-
-    That is some 65,000 objects (modules, classes, functions) that never
-    die, and a full collection walks every one: 35-45 ms of CPU on a busy
-    2-core box, with the reactor stopped. A node streaming a move ran one
-    every 2-3 s, and each stalled the reads it held (bench/move.py).
-    Frozen, they are never walked again, and a full collection costs what
-    the objects made since cost.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 def _service(subcommand: str | None, sub: Any, reactor: Any) -> IService:

@@ -87,6 +87,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 import shardkv
+from shardkv.heap import freeze_startup_heap
 from shardkv.logs import LEVEL_FILTER, set_level
 from shardkv.metrics import CONTENT_TYPE, OTHER_ROUTE, render
 from shardkv.proxy.app import ProxyApp
@@ -982,6 +983,7 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
     service = build_worker(sub, reactor, index, count, sockets, secret)
     service.privilegedStartService()
     reactor.callWhenRunning(service.startService)
+    reactor.callWhenRunning(freeze_startup_heap)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
 
