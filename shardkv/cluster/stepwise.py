@@ -5,13 +5,14 @@ on a quiet box, and several times that on a busy one. Done in one go on the
 reactor, every request in flight waits that long. On a thread it is little
 better, because of the GIL: the reactor thread gives the GIL up at each of
 its socket calls and then waits for the thread to hand it back, which takes
-a switch interval (5 ms) on a quiet box and a trip through the kernel's
-scheduler on a busy one (measured in ``bench/move.py``: a proxy's ring
-build on a thread took 170 ms, and the GETs it served meanwhile 50-90 ms
-instead of 15). So rings are built on the reactor, in steps of a few tenths
-of a millisecond (L{shardkv.core.placement.Ring.stepwise}), one step per
-reactor turn: between two steps the reactor serves whatever arrived, so a
-request waits for one step at most, and the build only takes longer.
+a switch interval (5 ms), and a shorter interval only trades that for trips
+through a busy box's scheduler (measured in ``bench/move.py``: a proxy's
+ring build on a thread took 35-60 ms and the GETs in flight 30-50 ms, against
+7-8 ms before; with a 0.1 ms interval, 170 ms and 50-90 ms). So rings are
+built on the reactor, in steps of a few tenths of a millisecond
+(L{shardkv.core.placement.Ring.stepwise}), one step per reactor turn:
+between two steps the reactor serves whatever arrived, so a request waits
+for one step at most, and the build only takes longer.
 
 A L{Pace} also rests between steps, for as long as a step took times
 C{rest}: a process busy for the whole build competes with every other
