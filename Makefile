@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCH_ARGS ?=
 
-.PHONY: run test unit lint typecheck bench bench-storage system-deps clean schemathesis
+.PHONY: run test unit lint typecheck bench bench-latency bench-ceiling bench-storage bench-replication \
+        system-deps clean schemathesis
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +45,21 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-bench: $(STAMP)
+## The benchmark's extras (py-spy for --profile) on top of the dev install; redone
+## whenever $(STAMP) is (pyproject.toml changed).
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+## bench/run.py's modes (bench/README.md); extra options in BENCH_ARGS, e.g.
+## make bench-latency BENCH_ARGS="--rounds 5 --profile /tmp/prof"
+bench: $(BENCH_STAMP)
 	@./scripts/system-deps wrk
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-latency bench-ceiling bench-storage bench-replication: bench-%: $(BENCH_STAMP)
+	@./scripts/system-deps wrk
+	$(BIN)/python bench/run.py $* $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .tox .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -13,7 +13,8 @@ One run, on real processes (issue 11, section 5):
    (``--rebalance-rate --cap``, 5,000 keys/s).
 2. **GET p99 before**: wrk, paced (``--get-rate`` requests/s over
    ``--connections`` connections, random preloaded keys) against ``fast``
-   for ``--get-seconds``.
+   for ``--get-seconds``, with the same watchers running as during a move
+   (L{observed}), so that the two windows differ by the move alone.
 3. **Unlimited move**: ``fast`` plans and commits adding the first spare
    (3 -> 4). The copy rate is the keys (and bytes) the nodes' streams report
    sending (``GET /replica/move`` on every node, ten times a second) over the
@@ -170,6 +171,16 @@ class CpuSampler:
         return {n: round(100.0 * (b[n] - a[n]) / CLK_TCK / (t1 - t0)) for n in a}
 
 
+def observed(cluster: Cluster, via: Proc) -> tuple[MoveWatch, CpuSampler]:
+    """The watchers of a move: every node's ``/replica/move`` and the orchestrating
+    proxy's (``via``) ``/admin/rebalance`` ten times a second, and every
+    process's CPU. Some 60 requests a second: the GET windows before a move run
+    under them too, and they ask ``via``, not the proxy the GETs go to."""
+    others = [p for p in cluster.proxies if p is not via]
+    everyone = [*cluster.nodes.values(), *cluster.proxies]
+    return MoveWatch(sorted(cluster.nodes), [via, *others]), CpuSampler(everyone)
+
+
 def join(
     cluster: Cluster,
     via: Proc,
@@ -180,8 +191,8 @@ def join(
 ) -> MoveFigures:
     """Plan and commit adding ``node`` through ``via``; ``during()`` runs right after the
     commit (in this thread); returns once the move is idle."""
-    everyone = [*cluster.nodes.values(), *cluster.proxies]
-    with MoveWatch(sorted(cluster.nodes), cluster.proxies) as watch, CpuSampler(everyone) as cpu:
+    watch, sampler = observed(cluster, via)
+    with watch, sampler as cpu:
         status, plan = post_json(via.url + "/admin/plan", {"add": [{"address": node, "weight": 1}]})
         if status != 200:
             raise BenchError(f"plan through {via.name}: {status} {plan}")
@@ -270,9 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         key_file = write_keys(root / "keys.txt", keys)
         paced_wrk(wrk, fast.url, script, key_file, args, 2)  # warm-up, not measured
 
-        before_first = paced_wrk(wrk, fast.url, script, key_file, args, args.get_seconds)
+        def watched_wrk(via: Proc) -> WrkResult:
+            watch, sampler = observed(cluster, via)
+            with watch, sampler:
+                return paced_wrk(wrk, fast.url, script, key_file, args, args.get_seconds)
+
+        before_first = watched_wrk(fast)
         unlimited = join(cluster, fast, cluster.spares[0], "3->4, rate unset", 0)
-        before = paced_wrk(wrk, fast.url, script, key_file, args, args.get_seconds)
+        before = watched_wrk(capped)
         during: list[WrkResult] = []
 
         def foreground() -> None:

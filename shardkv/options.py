@@ -93,6 +93,26 @@ def _port(name: str) -> Callable[[str], Any]:
 
 LOG_FORMATS = ("text", "json")
 
+MAX_WORKERS = 64
+SHAREABLE_KINDS = ("tcp", "tcp6", "ssl")
+"""Endpoint types whose socket ``--workers`` can share: the parent listens and each
+worker adopts the socket (L{shardkv.proxy.workers}). A unix socket is left out:
+Twisted unlinks its path when any one adopting process stops listening."""
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise usage.UsageError(f"--workers must be a whole number, not {text!r}") from None
+    if not 1 <= value <= MAX_WORKERS:
+        raise usage.UsageError(f"--workers must be between 1 and {MAX_WORKERS}, not {text}")
+    return value
+
+
+_workers.coerceDoc = f"1 to {MAX_WORKERS}."  # type: ignore[attr-defined]
+_workers.kind = int  # type: ignore[attr-defined]
+
 
 class _ServerOptions(ConfigFileOption):
     """What every server subcommand shares: the config file, where to listen, limits and logs."""
@@ -445,10 +465,19 @@ class ProxyOptions(_ClientTokenOption, _ReplicationOptions, _ServerOptions):
             "PEM file of the CAs that https:// nodes' certificates must chain to "
             "(default: the system's trust store).",
         ],
+        [
+            "workers",
+            None,
+            1,
+            "Proxy processes serving the same port(s), each a full proxy, supervised by this "
+            "one (1: this process alone, as without the option); tcp, tcp6 and ssl listeners.",
+            _workers,
+        ],
     ]
 
     def postOptions(self) -> None:
         super().postOptions()
+        self._check_workers()
         self["node-urls"] = parse_node_urls(self["nodes"])
         self["nodes"] = parse_nodes(self["nodes"])
         self._check_quorums()
@@ -457,6 +486,18 @@ class ProxyOptions(_ClientTokenOption, _ReplicationOptions, _ServerOptions):
         elif self["proxy-id"] is None:
             self["proxy-id"] = f"proxy-{self['port']}"
         self._checked_id("--proxy-id", self["proxy-id"], "{}.000000")
+
+    def _check_workers(self) -> None:
+        """Refuse ``--workers`` with a listener whose socket cannot be shared."""
+        if self["workers"] == 1:
+            return
+        for endpoint in self.endpoints():
+            kind = endpoint.split(":", 1)[0].strip().lower()
+            if kind not in SHAREABLE_KINDS:
+                raise usage.UsageError(
+                    f"--workers {self['workers']} shares only {', '.join(SHAREABLE_KINDS)} "
+                    f"listeners, not --listen {endpoint}; use --workers 1 for it"
+                )
 
 
 class ClusterOptions(_ClientTokenOption, _ReplicationOptions, _StorageOptions):

@@ -2,7 +2,9 @@
 
 Each subcommand's options (L{shardkv.options}) turn into keyword arguments
 for one service factory; the factories know nothing about command lines, so
-tests build the same services directly. Here too the options meet twistd:
+tests build the same services directly. ``proxy --workers N`` (N > 1) builds
+a supervisor instead (L{shardkv.proxy.workers}), whose workers build the proxy
+with L{proxy_service}. Here too the options meet twistd:
 the process's log observer (L{shardkv.logs}) and the settings a reload may
 change in the running tree (L{shardkv.reload}).
 """
@@ -19,10 +21,12 @@ from twisted.application.service import IService, IServiceCollection, MultiServi
 from twisted.logger import Logger
 from twisted.python import usage
 
+from shardkv.heap import freeze_startup_heap
 from shardkv.logs import set_level, use_with_twistd
 from shardkv.node.service import make_node_service
 from shardkv.options import ClusterOptions, NodeOptions, ProxyOptions
 from shardkv.proxy.service import ProxyService, make_proxy_service
+from shardkv.proxy.workers import Supervisor, SupervisorReloadService, make_supervisor
 from shardkv.reload import Reloader, ReloadService
 from shardkv.storage.engine import StorageEngine
 from shardkv.storage.memory import MemoryEngine
@@ -129,10 +133,26 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     sub = config.subOptions
     set_level(sub["log-level"])
     service = _service(config.subCommand, sub, reactor)
+    reactor.callWhenRunning(freeze_startup_heap)
     if IServiceCollection.providedBy(service):
-        reloader = _reloader(sub, service)
-        ReloadService(reloader, reactor).setServiceParent(service)
+        add_reload_service(sub, service, reactor)
     return service
+
+
+def add_reload_service(sub: Any, service: Any, reactor: Any) -> None:
+    """Reload ``service``'s live settings on SIGHUP (and on ``POST /admin/reload``).
+
+    A supervisor of ``--workers`` also passes each reload on to its workers.
+    """
+    reload_service: ReloadService
+    if isinstance(service, Supervisor):
+        # The parent applies only its log level; each worker reloads (and logs) the rest.
+        reloader = Reloader(lambda: _reparse(sub), sub, {"log-level"})
+        reloader.on_change("log-level", set_level)
+        reload_service = SupervisorReloadService(reloader, reactor, service)
+    else:
+        reload_service = ReloadService(_reloader(sub, service), reactor)
+    reload_service.setServiceParent(service)
 
 
 def _service(subcommand: str | None, sub: Any, reactor: Any) -> IService:
@@ -141,34 +161,48 @@ def _service(subcommand: str | None, sub: Any, reactor: Any) -> IService:
             sub, reactor, node_id=sub["node-id"], data_dir=sub["data-dir"], listen=sub.endpoints()
         )
     if subcommand == "proxy":
-        return make_proxy_service(
-            reactor=reactor,
-            nodes=sub["nodes"],
-            listen=sub.endpoints(),
-            max_value_bytes=sub["max-value-bytes"],
-            timeout=sub["timeout"],
-            vnodes=sub["vnodes"],
-            pool_size=sub["pool-size"],
-            pipeline_depth=sub["pipeline-depth"],
-            node_inflight_bytes=sub["node-inflight-bytes"],
-            health_interval=sub["health-interval"],
-            access_log=sub["access-log"],
-            echo_errors=sub.echo_errors(),
-            replicas=sub["replicas"],
-            r=sub["r"],
-            w=sub["w"],
-            writer_id=sub["proxy-id"],
-            clock_offset_ms=sub["clock-offset-ms"],
-            urls=sub["node-urls"],
-            ca_file=sub["ca-file"],
-            token=sub["token"],
-            client_token=sub["client-token"],
-            header_timeout=sub["header-timeout"],
-            max_connections=sub["max-connections"],
-            max_inflight_bytes=sub["max-inflight-bytes"] or PROXY_MAX_INFLIGHT_BYTES,
-            rebalance_rate=sub["rebalance-rate"],
-        )
+        if sub["workers"] > 1:
+            return make_supervisor(sub, reactor)
+        return proxy_service(sub, reactor)
     return _cluster(sub, reactor)
+
+
+def proxy_service(sub: ProxyOptions, reactor: Any, **overrides: Any) -> ProxyService:
+    """The proxy that ``twistd shardkv proxy`` runs, from its options.
+
+    ``overrides`` replace keyword arguments of L{make_proxy_service}: a worker
+    of ``--workers`` (L{shardkv.proxy.workers}) builds the same proxy with its
+    own app and listeners this way.
+    """
+    kwargs: dict[str, Any] = dict(
+        reactor=reactor,
+        nodes=sub["nodes"],
+        listen=sub.endpoints(),
+        max_value_bytes=sub["max-value-bytes"],
+        timeout=sub["timeout"],
+        vnodes=sub["vnodes"],
+        pool_size=sub["pool-size"],
+        pipeline_depth=sub["pipeline-depth"],
+        node_inflight_bytes=sub["node-inflight-bytes"],
+        health_interval=sub["health-interval"],
+        access_log=sub["access-log"],
+        echo_errors=sub.echo_errors(),
+        replicas=sub["replicas"],
+        r=sub["r"],
+        w=sub["w"],
+        writer_id=sub["proxy-id"],
+        clock_offset_ms=sub["clock-offset-ms"],
+        urls=sub["node-urls"],
+        ca_file=sub["ca-file"],
+        token=sub["token"],
+        client_token=sub["client-token"],
+        header_timeout=sub["header-timeout"],
+        max_connections=sub["max-connections"],
+        max_inflight_bytes=sub["max-inflight-bytes"] or PROXY_MAX_INFLIGHT_BYTES,
+        rebalance_rate=sub["rebalance-rate"],
+    )
+    kwargs.update(overrides)
+    return make_proxy_service(**kwargs)
 
 
 def _cluster(sub: ClusterOptions, reactor: Any) -> MultiService:

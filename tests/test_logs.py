@@ -12,7 +12,8 @@ from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 
 from shardkv import logs
-from shardkv.web.httpclient import HTTPClientService, QuietClientFactory
+from shardkv.web.agent import ConnectionFactory
+from shardkv.web.httpclient import HTTPClientService
 
 
 @pytest.fixture(autouse=True)
@@ -85,14 +86,17 @@ def test_twistd_is_told_to_use_shardkvs_observer() -> None:
 
 
 def test_the_pool_does_not_log_each_connection() -> None:
-    """The HTTP client's pool builds a factory per connection that logs nothing."""
+    """The HTTP client's agent connects through a factory that logs nothing."""
     from twisted.internet.testing import MemoryReactorClock
 
-    service = HTTPClientService(MemoryReactorClock())
+    reactor = MemoryReactorClock()
+    service = HTTPClientService(reactor)
     service.startService()
     try:
-        pool: Any = service._pool
-        assert pool._factory is QuietClientFactory
-        assert QuietClientFactory.noisy is False
+        service.request("GET", b"http://127.0.0.1:9101/health")
+        ((_, _, factory, _, _),) = reactor.tcpClients
+        wrapped: Any = factory
+        assert isinstance(wrapped._wrappedFactory, ConnectionFactory)
+        assert ConnectionFactory.noisy is False
     finally:
         service.stopService()

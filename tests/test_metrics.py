@@ -8,6 +8,8 @@ the names the dashboard reads stay what the shared notes say.
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -262,3 +264,49 @@ def test_every_named_family_is_served() -> None:
     node.watch(storage=lambda: {"used_bytes": 1, "free_bytes": 2}, hints_waiting=dict, epoch=int)
     assert set(families(proxy.registry)) >= PROXY_FAMILIES
     assert set(families(node.registry)) >= NODE_FAMILIES
+
+
+def test_http_metrics_export_what_a_prometheus_counter_and_histogram_would() -> None:
+    """The counts are plain numbers kept by the site; scraped, they read exactly as the
+    prometheus_client metrics they replace (names, help, labels, buckets, created)."""
+    from prometheus_client import Counter, Histogram
+
+    from shardkv.metrics import HTTP_METHODS, LATENCY_BUCKETS
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    http = HTTPMetrics(ours)
+    requests = Counter(
+        HTTPMetrics.REQUESTS,
+        HTTPMetrics.REQUESTS_HELP,
+        ["route", "method", "status"],
+        registry=theirs,
+    )
+    duration = Histogram(
+        HTTPMetrics.DURATION,
+        HTTPMetrics.DURATION_HELP,
+        ["route"],
+        buckets=LATENCY_BUCKETS,
+        registry=theirs,
+    )
+    seen = [
+        ("/get", b"GET", 200, 0.0003),
+        ("/get", b"GET", 200, 0.0005),  # on a bucket's bound: counted in it
+        ("/get", b"HEAD", 404, 0.002),
+        ("/kv/<key>", b"PUT", 201, 0.7),
+        ("other", b"BREW", 405, 20.0),  # past the last bound: +Inf only
+        ("other", b"GET", 404, 0.0),
+    ]
+    for route, method, status, seconds in seen:
+        http.observe(route, method, status, seconds)
+        shown = method.decode() if method in HTTP_METHODS else "OTHER"
+        requests.labels(route, shown, str(status)).inc()
+        duration.labels(route).observe(seconds)
+
+    def text(registry: CollectorRegistry) -> str:
+        return re.sub(r"(_created\{[^}]*\}) \S+", r"\1 T", render(registry).decode())
+
+    assert text(ours) == text(theirs)
+    created = sample(
+        ours, "shardkv_http_requests_created", route="/get", method="GET", status="200"
+    )
+    assert created is not None and abs(created - time.time()) < 60

@@ -67,7 +67,9 @@ def node_buckets(
             node, op, le = (sample.labels.get(k) for k in ("node", "op", "le"))
             if node is None or le is None:
                 continue
-            found[node][op or ""][float(le)] = float(sample.value)
+            # Summed: a proxy with --workers has one series per worker (``worker`` label).
+            buckets = found[node][op or ""]
+            buckets[float(le)] = buckets.get(float(le), 0.0) + float(sample.value)
     return {node: dict(ops) for node, ops in found.items()}
 
 

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 
 from shardkv.cluster.proposer import MapProposer
 from shardkv.cluster.view import MapView
-from shardkv.core.clustermap import ClusterMap, bootstrap
+from shardkv.core.clustermap import MAX_WEIGHT, ClusterMap, bootstrap
 from shardkv.core.quorum import QuorumSizes
 from shardkv.errors import (
     InvalidMap,
@@ -218,6 +218,7 @@ class MapSync:
             await self.view.settled()
         if not self.bootstrapped and not self.view.provisional:
             self._warn_if_seeds_differ(self.view.current)
+        self._prewarm(answers)
         await self._push_behind(answers)
         epoch = self.view.epoch
         members = self.view.nodes()
@@ -225,6 +226,27 @@ class MapSync:
             self._agreed = {epoch: self.clock.seconds()}
         self._watch_accepted(answers)
         return self.view.current
+
+    def _prewarm(self, answers: Mapping[str, dict[str, Any]]) -> None:
+        """A node says a plan for the next epoch is staged: build its rings now.
+
+        The plan's nodes note the map they were asked about
+        (L{shardkv.node.mapstore.MapStore.note_planned}); this proxy may not
+        be the one that staged it, and without this it would build the new
+        rings at the commit, while its requests wait (L{MapView.prewarm}).
+        """
+        epoch = self.view.epoch
+        for answer in answers.values():
+            planned = answer.get("planned")
+            if not isinstance(planned, dict) or planned.get("epoch") != epoch + 1:
+                continue
+            try:
+                m = ClusterMap.from_json(planned)
+            except InvalidMap:
+                continue
+            if max(m.current_weights().values()) <= MAX_WEIGHT:
+                self.view.prewarm(m)
+            return
 
     async def _ask(self, node: str) -> dict[str, Any] | None:
         try:

@@ -6,10 +6,11 @@ it serves from a *provisional* map built from ``--nodes`` (epoch 0): an
 operation planned at epoch 0 is refused by any node that holds a real map,
 with that map, and the view switches (L{MapView.install}).
 
-The rings of a map cost a few tenths of a second to build, so a view builds
-them once per installed map (L{Placement}) and every request reads the
-placement it captured when it was planned: one request never mixes rings of
-two epochs.
+The rings of a map cost tens of milliseconds of CPU to build, so a view
+builds them once per installed map (L{Placement}), a step per reactor turn
+when a map arrives (L{MapView.receive}, L{shardkv.cluster.stepwise}), and
+every request reads the placement it captured when it was planned: one
+request never mixes rings of two epochs.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shardkv.core.clustermap import ClusterMap, Member, MemberState, ring_for
+from shardkv.cluster.stepwise import Pace, run_steps
+from shardkv.core.clustermap import ClusterMap, Member, MemberState, ring_for, ring_steps
 from shardkv.core.placement import DEFAULT_VNODES, Ring
 from shardkv.core.quorum import QuorumSizes
 from shardkv.errors import InvalidMap
@@ -30,11 +33,20 @@ from shardkv.errors import InvalidMap
 log = Logger(namespace="shardkv.cluster.view")
 
 RingKey = tuple[tuple[tuple[str, float], ...], int]
-Builder = Callable[[Callable[[], Any]], "Deferred[Any]"]
-"""Runs a function off the reactor and fires with its result."""
 
 PROVISIONAL_CLUSTER_ID = "provisional"
 """The cluster id of a provisional map; no real map has it (they are hex)."""
+
+BUILD_REST = 1.0
+"""A map that arrived has its new rings built at half duty (L{Pace}): the
+requests meanwhile go at the epoch before, which the nodes take for their
+fence's grace (0.5 s), and a proxy that rests between steps keeps the CPU
+for them on a busy box."""
+PREWARM_REST = 4.0
+"""The rings of a planned map (L{MapView.prewarm}) are built at a fifth of
+a core: nothing waits for them yet."""
+WARM_RINGS = 4
+"""Rings built ahead and not used yet that a view keeps (a plan never committed)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,18 +89,19 @@ class MapView:
     """The newest map this proxy knows, with its subscribers."""
 
     def __init__(
-        self, initial: ClusterMap, rings: Iterable[Ring] = (), build: Builder | None = None
+        self, initial: ClusterMap, rings: Iterable[Ring] = (), clock: IReactorTime | None = None
     ) -> None:
         """``rings``: rings already built (a test's shared ring) to use instead of
-        building equal ones again. ``build(f)`` runs ``f`` off the reactor (the
-        proxy passes a thread pool's), so that a map that arrives while requests
-        are served has its rings built without stalling them (see L{receive});
-        without it rings are built inline."""
+        building equal ones again. With ``clock`` (the proxy's reactor), a map
+        that arrives while requests are served has its new rings built a step
+        per reactor turn, between the requests (see L{receive}); without it
+        they are built at once."""
         self._built: dict[RingKey, Ring] = {
             _ring_key(_weights_of(ring), ring.vnodes): ring for ring in rings
         }
         self._warm: dict[RingKey, Ring] = {}
-        self._build = build
+        self._building: dict[RingKey, tuple[Pace, list[Deferred[Ring]]]] = {}
+        self._clock = clock
         self._arriving: tuple[int, Deferred[None]] | None = None
         self._subscribers: list[Callable[[ClusterMap], None]] = []
         self.current = initial
@@ -101,14 +114,14 @@ class MapView:
         sizes: QuorumSizes,
         vnodes: int = DEFAULT_VNODES,
         ring: Ring | None = None,
-        build: Builder | None = None,
+        clock: IReactorTime | None = None,
     ) -> MapView:
         """A provisional view of ``nodes`` (the ``--nodes`` seeds)."""
         weights = dict(nodes) if isinstance(nodes, Mapping) else dict.fromkeys(nodes, 1.0)
         if ring is not None:
             vnodes = ring.vnodes
         initial = provisional_map(weights, sizes.n, sizes.r, sizes.w, vnodes)
-        return cls(initial, () if ring is None else (ring,), build)
+        return cls(initial, () if ring is None else (ring,), clock)
 
     @classmethod
     def of_ring(cls, ring: Ring, sizes: QuorumSizes) -> MapView:
@@ -192,29 +205,25 @@ class MapView:
         return m is not None and self.install(m)
 
     def receive(self, m: ClusterMap) -> None:
-        """L{install} ``m`` once its rings are built, off the reactor when they are new.
+        """L{install} ``m`` once its rings are built, a step per reactor turn when
+        they are new.
 
         A new ring of 32768 points per node takes tens of milliseconds to
-        build; inline, every request in flight would wait that long at the
-        start of a move. L{settled} says when the newest map received is in.
+        build; in one go, every request in flight would wait that long at the
+        start of a move. Meanwhile requests keep the placement before, which
+        the nodes still take for their fence's grace. L{settled} says when
+        the newest map received is in.
         """
         if m.epoch <= self.current.epoch:
             return
         if self._arriving is not None and self._arriving[0] >= m.epoch:
             return
-        wanted = {_ring_key(w, m.vnodes): w for w in (m.read_weights(), *m.write_weight_sets())}
-        missing = {k: w for k, w in wanted.items() if k not in self._built and k not in self._warm}
-        if self._build is None or not missing:
+        missing = self._missing(m)
+        if self._clock is None or not missing:
             self.install(m)
             return
         arriving: Deferred[None] = Deferred()
         self._arriving = (m.epoch, arriving)
-
-        def build() -> dict[RingKey, Ring]:
-            return {k: ring_for(w, m.vnodes) for k, w in missing.items()}
-
-        def built(rings: dict[RingKey, Ring]) -> None:
-            self._warm = {**self._warm, **rings}
 
         def done(result: object) -> None:
             if isinstance(result, Failure):
@@ -224,7 +233,60 @@ class MapView:
                 self._arriving = None
             arriving.callback(None)
 
-        self._build(build).addCallback(built).addBoth(done)
+        rings = [self._ring_built(k, w, m.vnodes, BUILD_REST) for k, w in missing.items()]
+        gatherResults(rings, consumeErrors=True).addBoth(done)
+
+    def prewarm(self, m: ClusterMap) -> None:
+        """Build the rings of ``m``, the map a plan staged somewhere would install
+        next, slowly and in the background (L{PREWARM_REST}), so that they are
+        there when it is committed (L{receive} then installs it at once).
+
+        Advice only: nothing is installed, and a map of another cluster or of
+        an epoch this view has passed is ignored.
+        """
+        if self._clock is None or m.epoch <= self.current.epoch:
+            return
+        if self.provisional or m.cluster_id != self.current.cluster_id:
+            return
+        for k, w in self._missing(m).items():
+            if k not in self._building:
+                self._ring_built(k, w, m.vnodes, PREWARM_REST).addErrback(
+                    lambda f: log.failure("building the rings of a planned map", f)
+                )
+
+    def _missing(self, m: ClusterMap) -> dict[RingKey, dict[str, float]]:
+        wanted = {_ring_key(w, m.vnodes): w for w in (m.read_weights(), *m.write_weight_sets())}
+        return {k: w for k, w in wanted.items() if k not in self._built and k not in self._warm}
+
+    def _ring_built(
+        self, key: RingKey, weights: Mapping[str, float], vnodes: int, rest: float
+    ) -> Deferred[Ring]:
+        """The ring ``key`` once built: a build under way goes on (at ``rest`` if
+        that is faster), else one starts. Built, it is kept warm for L{_place}."""
+        ready: Deferred[Ring] = Deferred()
+        building = self._building.get(key)
+        if building is not None:
+            pace, waiters = building
+            pace.rest = min(pace.rest, rest)
+            waiters.append(ready)
+            return ready
+        pace, waiters = Pace(rest), [ready]
+        self._building[key] = (pace, waiters)
+
+        def finished(result: Ring | Failure) -> None:
+            del self._building[key]
+            if not isinstance(result, Failure):
+                self._warm[key] = result
+                while len(self._warm) > WARM_RINGS:
+                    del self._warm[next(iter(self._warm))]
+            for waiter in waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+
+        run_steps(self._clock, ring_steps(weights, vnodes), pace).addBoth(finished)
+        return ready
 
     def receive_json(self, data: object) -> None:
         """L{receive} a map as the wire carries it (a node's stale-epoch answer)."""

@@ -25,13 +25,18 @@ from __future__ import annotations
 
 import enum
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, TypeVar
 
-from shardkv.core.placement import Ring
+from shardkv.core.placement import Ring, Steps, complete
 from shardkv.errors import InvalidMap, UnknownMember
+
+MAX_WEIGHT = 32.0
+"""The heaviest weight a change may give. A node puts ``weight x vnodes`` points
+on the ring (32,768 per unit), and every proxy and node builds the ring; past
+this a ring costs seconds of CPU and hundreds of MB."""
 
 
 class MemberState(enum.StrEnum):
@@ -230,14 +235,32 @@ def bootstrap(
 
 # Rings cost a few tenths of a second to build at the default vnodes, and a
 # process needs at most two or three at a time (previous, current, a plan).
-@lru_cache(maxsize=8)
-def _ring(weights: tuple[tuple[str, float], ...], vnodes: int) -> Ring:
-    return Ring(dict(weights), vnodes)
+_RINGS_CACHED = 8
+_rings: dict[tuple[tuple[tuple[str, float], ...], int], Ring] = {}
+_rings_lock = threading.Lock()
 
 
 def ring_for(weights: Mapping[str, float], vnodes: int) -> Ring:
     """The ring for C{weights}, built once for the last few weight sets asked for."""
-    return _ring(tuple(sorted(weights.items())), vnodes)
+    return complete(ring_steps(weights, vnodes))
+
+
+def ring_steps(weights: Mapping[str, float], vnodes: int) -> Steps[Ring]:
+    """L{ring_for} a step at a time (L{Ring.stepwise}): no step when it is cached.
+
+    For a process that builds a new map's rings on its reactor, between
+    requests (L{shardkv.cluster.stepwise}).
+    """
+    key = (tuple(sorted(weights.items())), vnodes)
+    with _rings_lock:
+        ring = _rings.pop(key, None)
+    if ring is None:
+        ring = yield from Ring.stepwise(dict(key[0]), vnodes)
+    with _rings_lock:
+        _rings[key] = ring
+        while len(_rings) > _RINGS_CACHED:
+            del _rings[next(iter(_rings))]
+    return ring
 
 
 # -- parsing helpers ---------------------------------------------------------------

@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 
-from shardkv.core.clustermap import ClusterMap
-from shardkv.core.placement import HASH_SPACE, Ring, hash_key
+from shardkv.core.clustermap import ClusterMap, ring_steps
+from shardkv.core.placement import HASH_SPACE, Ring, Steps, hash_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,14 @@ class MovePlanner:
     def for_map(cls, m: ClusterMap) -> MovePlanner:
         """The planner of C{m}'s move (between moves every answer is None)."""
         return cls(m.previous_ring(), m.current_ring(), m.n, m.w)
+
+    @classmethod
+    def steps_for_map(cls, m: ClusterMap) -> Steps[MovePlanner]:
+        """L{for_map}, its rings built a step at a time (L{ring_steps}): a node
+        builds them on its reactor between requests."""
+        previous = yield from ring_steps(m.previous_weights(), m.vnodes)
+        current = yield from ring_steps(m.current_weights(), m.vnodes)
+        return cls(previous, current, m.n, m.w)
 
     def for_hash(self, position: int) -> KeyMove | None:
         """The copies for the key at C{position} (from L{hash_key}), or None if

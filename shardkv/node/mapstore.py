@@ -106,6 +106,7 @@ class MapStore:
         self._learned: ClusterMap | None = None
         self._fence: ClusterMap | None = None
         """The newest map an install was queued for (durable or not): what the fence checks."""
+        self._planned: ClusterMap | None = None
         self._subscribers: list[Callable[[ClusterMap], None]] = []
 
     # start-up
@@ -163,15 +164,28 @@ class MapStore:
         return None
 
     def as_json(self) -> dict[str, Any]:
-        """The ``GET /replica/map`` answer."""
+        """The ``GET /replica/map`` answer; ``planned`` only while a plan is newer
+        than every map this node holds (L{note_planned})."""
         accepted = self._state.accepted
         epoch = accepted.get("epoch") if accepted is not None else None
-        return {
+        answer = {
             "node": self.node_id,
             "learned": None if self._learned is None else self._learned.to_json(),
             "accepted_epoch": epoch if isinstance(epoch, int) else None,
             "cluster_id": self.cluster_id,
         }
+        planned = self._planned
+        if planned is not None and planned.epoch > self.fence_epoch:
+            answer["planned"] = planned.to_json()
+        return answer
+
+    def note_planned(self, m: ClusterMap) -> None:
+        """A proxy staged ``m`` and asked this node what it would send: say so in
+        L{as_json}. Only advice, never a map to serve: every proxy's poll sees it
+        and builds its rings in the background, so that none has to build them
+        at the commit, when the requests in flight would wait for it."""
+        if m.cluster_id == self.cluster_id and m.epoch > self.fence_epoch:
+            self._planned = m
 
     def subscribe(self, fn: Callable[[ClusterMap], None]) -> None:
         """Call ``fn`` with each map this node comes to hold, in epoch order: the

@@ -26,8 +26,10 @@ engine's metadata (``move/<epoch>/stream``, ``move/<epoch>/cleanup``), so a
 node killed mid-move resumes after the last acknowledged round; the copies
 re-sent from there are harmless. A task that finished stores ``done``.
 
-Everything runs on the reactor, a chunk of records per turn: a move never
-holds the node's foreground requests for more than one chunk's work. Two
+Everything runs on the reactor, a chunk of records per turn (a smaller one
+under a rate cap), and the rings a task needs are built a step per turn
+(L{shardkv.cluster.stepwise}): a move never holds the node's foreground
+requests for more than one chunk's work. Two
 rounds of batches at most are in flight (backpressure: the scan waits for the
 older round's acknowledgement before it reads further). A failed batch (the
 destination is down, busy or slow) is retried, the same batch, after a
@@ -41,7 +43,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
@@ -49,9 +51,10 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shardkv.core.clustermap import ClusterMap, Phase
+from shardkv.cluster.stepwise import run_steps
+from shardkv.core.clustermap import ClusterMap, Phase, ring_steps
 from shardkv.core.movement import MovePlanner, owns
-from shardkv.core.placement import hash_key
+from shardkv.core.placement import Steps, hash_key
 from shardkv.core.records import CorruptRecord, Record
 from shardkv.errors import InvalidMap, ReplicaCallFailed, ReplicaRefused, StorageError
 from shardkv.replica import codec
@@ -59,8 +62,16 @@ from shardkv.storage.engine import StorageEngine
 
 log = Logger(namespace="shardkv.node.mover")
 
+T = TypeVar("T")
+
 BATCH_RECORDS = 512
 """Records scanned per reactor turn."""
+PACED_RECORDS = 64
+"""Records scanned per reactor turn by a stream under a rate cap. A turn of
+512 records (read, decode, place on two rings) holds the reactor for 5 ms of
+CPU on a quiet box and 20-40 ms on a busy one, and every read of a key this
+node holds waits behind it; a capped stream has time to spare, so it takes
+smaller bites."""
 ROUND_CHUNKS = 16
 """A round (the unit of acknowledgement and of the durable cursor) ends after
 this many chunks even if no destination's batch filled up, so that a node
@@ -107,6 +118,8 @@ class MapSource(Protocol):
     def grace_left(self) -> float: ...
 
     def grace_writes(self) -> list[str] | None: ...
+
+    def note_planned(self, m: ClusterMap) -> None: ...
 
 
 class StreamPeers(Protocol):
@@ -260,15 +273,15 @@ class _Task:
         """Let the reactor run (``seconds`` of the mover's clock at least)."""
         await self.track(deferLater(self.mover.clock, seconds, lambda: None))
 
-    def scan(self, after: str) -> list[tuple[str, Record]]:
-        return self.mover.chunk(after)
+    def scan(self, after: str, size: int | None = None) -> list[tuple[str, Record]]:
+        return self.mover.chunk(after, size)
 
 
 class _Stream(_Task):
     def __init__(self, mover: Mover, m: ClusterMap, progress: StreamProgress) -> None:
         super().__init__(mover, m)
         self.progress = progress
-        self.planner = MovePlanner.for_map(m)
+        self._planner: MovePlanner | None = None
         assert m.move is not None
         nodes = len(m.previous_weights())
         self.share = m.move.rate / nodes if m.move.rate > 0 else 0.0
@@ -276,8 +289,10 @@ class _Stream(_Task):
             self.max_ops = max(
                 MIN_PACED_BATCH, min(codec.MAX_STREAM_OPS, int(self.share * RATE_SLICE))
             )
+            self.records_per_turn = min(mover.batch_records, PACED_RECORDS)
         else:
             self.max_ops = codec.MAX_STREAM_OPS
+            self.records_per_turn = mover.batch_records
         self._next_at = 0.0
         self._failing: set[str] = set()
         self._refusal: str | None = None
@@ -287,10 +302,17 @@ class _Stream(_Task):
         self._last = progress.cursor
         self._scan_done = False
 
+    @property
+    def planner(self) -> MovePlanner:
+        assert self._planner is not None, "the planner is built first thing in run()"
+        return self._planner
+
     async def run(self) -> None:
         p = self.progress
         p.state = "streaming"
         me = self.mover.node_id
+        # Both rings, a step per reactor turn: tens of ms of CPU unless a plan built them.
+        self._planner = await self.track(self.mover.build(MovePlanner.steps_for_map(self.map)))
         log.info(
             "epoch {epoch}: {node} streams copies from key {cursor!r} (rate share {share}/s)",
             epoch=self.epoch,
@@ -396,7 +418,7 @@ class _Stream(_Task):
                     return r
                 if chunks:
                     await self.pause()
-                chunk = self.scan(self._scan_from)
+                chunk = self.scan(self._scan_from, self.records_per_turn)
                 chunks += 1
                 if not chunk:
                     self._scan_done = True
@@ -547,13 +569,14 @@ class _Cleanup(_Task):
     def __init__(self, mover: Mover, m: ClusterMap, progress: CleanupProgress) -> None:
         super().__init__(mover, m)
         self.progress = progress
-        self.ring = m.current_ring()
         self.member = mover.node_id in m.current_weights()
 
     async def run(self) -> None:
         p = self.progress
         p.state = "running"
         await self.fence_settled(cleanup_meta(self.epoch), p)
+        m = self.map
+        ring = await self.track(self.mover.build(ring_steps(m.current_weights(), m.vnodes)))
         engine, me, n = self.mover.engine, self.mover.node_id, self.map.n
         log.info("epoch {epoch}: cleanup from key {cursor!r}", epoch=self.epoch, cursor=p.cursor)
         while True:
@@ -563,7 +586,7 @@ class _Cleanup(_Task):
             doomed = [
                 (key, record)
                 for key, record in chunk
-                if not (self.member and owns(self.ring, n, me, hash_key(key)))
+                if not (self.member and owns(ring, n, me, hash_key(key)))
             ]
             deleted = await self._retrying(partial(self._discard, doomed))
             p.keys_deleted += len(deleted)
@@ -756,7 +779,9 @@ class Mover:
 
         ``bytes`` counts each copy's key (UTF-8) and value, as ``bytes_moved`` does.
         """
-        planner = _planner(m)
+        steps = _planner_steps(m)
+        self.mapstore.note_planned(m)
+        planner = await self.build(steps)
         me, for_hash = self.node_id, planner.for_hash
         pairs: dict[str, list[int]] = {}
         scanned = 0
@@ -788,7 +813,7 @@ class Mover:
     async def plan_keys(self, m: ClusterMap, to: str, cursor: str, limit: int) -> dict[str, Any]:
         """``POST /replica/plan/keys``: up to ``limit`` keys after ``cursor`` that this node
         would send ``to`` as their primary source."""
-        planner = _planner(m)
+        planner = await self.build(_planner_steps(m))
         me, for_hash = self.node_id, planner.for_hash
         limit = max(1, min(limit, MAX_PLAN_KEYS))
         keys: list[str] = []
@@ -805,16 +830,22 @@ class Mover:
             cursor = chunk[-1][0]
             await deferLater(self.clock, 0, lambda: None)
 
-    def chunk(self, after: str) -> list[tuple[str, Record]]:
-        """The next records after key ``after`` ("" from the start), in engine order."""
-        size = self.batch_records
+    def build(self, steps: Steps[T]) -> Deferred[T]:
+        """Work cut into steps (a ring: tens of ms in all), a step per reactor turn
+        (L{shardkv.cluster.stepwise})."""
+        return run_steps(self.clock, steps)
+
+    def chunk(self, after: str, size: int | None = None) -> list[tuple[str, Record]]:
+        """The next records after key ``after`` ("" from the start), in engine order:
+        ``size`` of them, by default L{batch_records}."""
+        size = self.batch_records if size is None else size
         chunk = list(self.engine.scan(after, size + 1))
         if chunk and chunk[0][0] == after:
             del chunk[0]
         return chunk[:size]
 
 
-def _planner(m: ClusterMap) -> MovePlanner:
+def _planner_steps(m: ClusterMap) -> Steps[MovePlanner]:
     if m.move is None or m.move.phase != Phase.COPYING:
         raise InvalidMap("a plan needs a map in phase copying")
-    return MovePlanner.for_map(m)
+    return MovePlanner.steps_for_map(m)

@@ -30,7 +30,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
-from shardkv.core.clustermap import ClusterMap, ring_for
+from shardkv.cluster.stepwise import run_steps
+from shardkv.core.clustermap import MAX_WEIGHT, ClusterMap, ring_steps
 from shardkv.core.membership import abort, expect_epoch, ideal_fraction, stage
 from shardkv.errors import (
     ForeignCluster,
@@ -50,10 +51,6 @@ from shardkv.web.dataroutes import parse_json_object
 
 T = TypeVar("T")
 
-MAX_WEIGHT = 32.0
-"""The heaviest weight a change may give. A node puts ``weight x vnodes`` points
-on the ring (32,768 per unit), and every proxy and node builds the ring on its
-reactor thread; past this a ring costs seconds to build and hundreds of MB."""
 
 DEFAULT_KEYS_LIMIT = 100
 MAX_KEYS_LIMIT = 1000
@@ -351,13 +348,20 @@ class MembershipAdmin:
             "fraction": keys_moving / keys_total if keys_total else 0.0,
             "ideal_fraction": ideal_fraction(before, after),
             "shares": {
-                "before": _shares(before, current.vnodes),
-                "after": _shares(after, target.vnodes),
+                "before": await self._shares(before, current.vnodes),
+                "after": await self._shares(after, target.vnodes),
             },
             "weights": {"before": before, "after": after},
         }
         self.staged = StagedPlan(current.epoch, target, answer)
         return answer
+
+    async def _shares(self, weights: Mapping[str, float], vnodes: int) -> dict[str, float]:
+        """Each node's share of the ring of ``weights``. The ring and the walk of its
+        points cost tens of ms: a step per reactor turn, between requests."""
+        ring = await run_steps(self.clock, ring_steps(weights, vnodes))
+        shares = await run_steps(self.clock, ring.shares_steps())
+        return {n: round(s, 6) for n, s in sorted(shares.items())}
 
     async def _check_new_nodes(self, current: ClusterMap, added: Sequence[str]) -> None:
         """Every node to be added answers, and holds no map but ours."""
@@ -500,7 +504,3 @@ def _aggregate(
     keys_moving = sum(k for k, _ in totals.values())
     bytes_moving = sum(b for _, b in totals.values())
     return pairs, keys_moving, bytes_moving, keys_total
-
-
-def _shares(weights: Mapping[str, float], vnodes: int) -> dict[str, float]:
-    return {n: round(s, 6) for n, s in sorted(ring_for(weights, vnodes).shares().items())}

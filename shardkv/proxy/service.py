@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from twisted.application.service import MultiService
-from twisted.internet.threads import deferToThreadPool
+from twisted.application.service import IService, MultiService
+from twisted.internet.interfaces import IProtocolFactory
 
 from shardkv.cluster.proposer import MapProposer
 from shardkv.cluster.sync import MapSync
@@ -97,8 +97,11 @@ class ProxyService(MultiService):
     app: Any
 
 
-def default_app(parts: ProxyParts) -> ProxyApp:
-    """The proxy's app with its admin routes and the move's orchestration."""
+def default_app(parts: ProxyParts, app_class: Callable[..., ProxyApp] = ProxyApp) -> ProxyApp:
+    """The proxy's app with its admin routes and the move's orchestration.
+
+    ``app_class`` makes it: L{ProxyApp}, or a worker's (L{shardkv.proxy.workers}).
+    """
     nodes, reactor = parts.replica_client, parts.reactor
     rebalancer = Rebalancer(parts.view, parts.sync, parts.proposer, nodes, reactor)
     admin = MembershipAdmin(
@@ -110,7 +113,7 @@ def default_app(parts: ProxyParts) -> ProxyApp:
         rate=parts.rebalance_rate,
         status=rebalancer.status,
     )
-    return ProxyApp(
+    return app_class(
         parts.coordinator,
         parts.max_value_bytes,
         parts.guard,
@@ -149,6 +152,7 @@ def make_proxy_service(
     rebalance_rate: int = 0,
     map_interval: float = 1.0,
     app_factory: Callable[[ProxyParts], Any] = default_app,
+    listener: Callable[[str, IProtocolFactory], IService] | None = None,
 ) -> ProxyService:
     """The proxy: ring, node client, health checks and coordinator behind a Site.
 
@@ -161,6 +165,9 @@ def make_proxy_service(
     ``r``, ``w`` and ``vnodes`` seed the cluster map on blank nodes; nodes that hold
     a map win. ``map_interval``: seconds between polls of the nodes' maps.
     ``app_factory`` builds the Klein app from the parts (default: L{ProxyApp}).
+    ``listener`` makes the service that serves the site on one ``listen``
+    endpoint (default: L{listening_service}, which listens itself; a worker of
+    ``--workers`` adopts its parent's socket instead).
     """
     service = ProxyService()
     # This service's own registry: several services may share a process.
@@ -181,12 +188,7 @@ def make_proxy_service(
     )
     sizes = QuorumSizes(replicas, r, w)
     vnodes = DEFAULT_VNODES if vnodes is None else vnodes
-    view = MapView.from_nodes(
-        nodes,
-        sizes,
-        vnodes,
-        build=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
-    )
+    view = MapView.from_nodes(nodes, sizes, vnodes, clock=reactor)
     replica_client.newer_map = view.receive_json
     writer = f"{writer_id or 'proxy'}.{secrets.token_hex(3)}"
     proposer = MapProposer(replica_client, writer, reactor, random.Random())
@@ -241,8 +243,13 @@ def make_proxy_service(
         metrics=metrics.http,
     )
     for description in listen:
-        listener = listening_service(reactor, description, site, owner="proxy", echo=echo_errors)
-        listener.setServiceParent(service)
+        if listener is None:
+            serving: IService = listening_service(
+                reactor, description, site, owner="proxy", echo=echo_errors
+            )
+        else:
+            serving = listener(description, site)
+        serving.setServiceParent(service)
     return service
 
 

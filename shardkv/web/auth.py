@@ -27,6 +27,7 @@ log line.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -84,8 +85,13 @@ def load_token(path: str, option: str = "--token-file") -> str:
 # -- who the peer is ---------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
 def loopback_host(host: str) -> bool:
-    """Is ``host`` an IP literal on loopback (127.0.0.0/8, ::1, or IPv4 mapped into IPv6)?"""
+    """Is ``host`` an IP literal on loopback (127.0.0.0/8, ::1, or IPv4 mapped into IPv6)?
+
+    Asked for every request in protected mode; parsing the address is most of
+    the guard's cost, so answers are kept for the last peers seen (bounded: a
+    peer's address is the client's choice)."""
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

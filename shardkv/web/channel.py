@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
@@ -153,10 +153,35 @@ class FrontDoorChannel(HTTPChannel):
     _head_bytes = 0
     _head_lines = 0
     _abort_call: IDelayedCall | None = None
+    _host: IAddress | None = None
+    _peer: IAddress | None = None
+    _secure: bool | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.head_started = self.now()
+
+    # Twisted's Request asks its channel for both addresses on every request,
+    # and TCP's getHost is a getsockname() system call; a connection's
+    # addresses and TLS never change, so each is asked once per connection.
+
+    def getHost(self) -> IAddress:
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
+    def getPeer(self) -> IAddress:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
+
+    def isSecure(self) -> bool:
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = super().isSecure()
+        return secure
 
     def dataReceived(self, data: bytes) -> None:
         if self.refused:

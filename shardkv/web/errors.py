@@ -91,11 +91,15 @@ def error_body(error: ShardkvError) -> dict[str, Any]:
     return body
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
+"""What ``json.dumps(payload, ensure_ascii=False)`` builds on every call, built once."""
+
+
 def json_body(request: IRequest, status: int, payload: object) -> bytes:
     """Set the status and JSON content type; return the encoded body."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", JSON)
-    return json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n"
+    return _ENCODER.encode(payload).encode("utf-8") + b"\n"
 
 
 def install_error_handlers(app: Klein) -> None:

@@ -2,9 +2,9 @@
 
 The HTTP metrics are counted by the site once a request has finished
 (L{shardkv.web.site.QuietSite.log}), labelled with the Klein rule that
-answered: L{RoutedKlein} sets it on the request just before the handler
-runs, one dict lookup, so the label is bounded by the routes (``/kv/<key>``
-for every key) and costs no second URL match. A request no route took (404,
+answered: L{RoutedKlein} (L{shardkv.web.router}) sets it on the request just
+before the handler runs, one dict lookup, so the label is bounded by the
+routes (``/kv/<key>`` for every key) and costs no second URL match. A request no route took (404,
 405, refused by the guard before routing) keeps ``other``.
 
 Who may scrape is the guard's business (L{shardkv.web.auth}): on the proxy
@@ -14,38 +14,18 @@ every route but ``/health``.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Protocol
 
 from klein import Klein
 from twisted.web.iweb import IRequest
 
 from shardkv.errors import NotFound
-from shardkv.metrics import CONTENT_TYPE, OTHER_ROUTE, render
+from shardkv.metrics import CONTENT_TYPE, render
+from shardkv.web.router import RoutedKlein, route_label
+
+__all__ = ["METRICS_PATH", "MetricsService", "RoutedKlein", "install_metrics_routes", "route_label"]
 
 METRICS_PATH = "/metrics"
-
-_CONVERTER = re.compile(r"<(?:[^:<>]+:)?_?([^<>]+)>")
-
-
-def route_label(rule: str) -> str:
-    """``/kv/<key:_key>`` -> ``/kv/<key>``: the rule as an operator reads it."""
-    return _CONVERTER.sub(r"<\1>", rule)
-
-
-class RoutedKlein(Klein):
-    """A Klein app that records on each request (``request.route``) which rule matched."""
-
-    _labels: dict[str, str] | None = None
-
-    def execute_endpoint(self, endpoint: str, request: IRequest, *args: Any, **kwargs: Any) -> Any:
-        labels = self._labels
-        if labels is None or endpoint not in labels:
-            labels = self._labels = {
-                rule.endpoint: route_label(rule.rule) for rule in self.url_map.iter_rules()
-            }
-        request.route = labels.get(endpoint, OTHER_ROUTE)  # type: ignore[attr-defined]
-        return super().execute_endpoint(endpoint, request, *args, **kwargs)
 
 
 class MetricsService(Protocol):

@@ -70,3 +70,17 @@ def test_a_page_without_the_histogram_gives_nothing() -> None:
     assert p99_by_node("# nothing here\n") == {}
     with pytest.raises(ValueError):
         p99_by_node("<html>not metrics</html>")
+
+
+def test_the_workers_of_one_proxy_add_up() -> None:
+    """
+    If the page is a proxy's with --workers (each series once per worker, labelled
+    worker="i"), then each node's buckets are the sum over the workers.
+    """
+    from shardkv.proxy.workers import merge_metrics
+
+    page = metrics_page()
+    both = merge_metrics({0: page, 1: page}, 2).decode()
+    single, double = node_buckets(page), node_buckets(both)
+    assert double["n1"]["get"] == {le: 2 * count for le, count in single["n1"]["get"].items()}
+    assert p99_by_node(both) == p99_by_node(page)

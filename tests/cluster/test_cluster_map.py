@@ -11,14 +11,17 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
 from shardkv.cluster.proposer import MapProposer
 from shardkv.cluster.view import MapView
 from shardkv.core.clustermap import ClusterMap, bootstrap
 from shardkv.core.membership import expect_epoch, stage
+from shardkv.core.placement import Ring
 from shardkv.core.quorum import QuorumSizes
 from shardkv.errors import MapConflict, MapUnavailable
 from shardkv.testing.memory import MemoryCluster
+from tests.cluster.turns import one_turn
 from tests.helpers import NODES_3, shared_ring
 
 SIZES = QuorumSizes(3, 2, 2)
@@ -58,36 +61,112 @@ def test_a_provisional_view_takes_any_real_map_then_only_newer_ones_of_its_clust
     assert not view.install_json({"not": "a map"})
 
 
-def test_a_received_map_with_new_rings_is_installed_once_they_are_built_elsewhere() -> None:
+def test_a_received_map_with_new_rings_is_installed_once_they_are_built_step_by_step() -> None:
     """
-    A map whose rings the view has not built waits for the builder (a thread
-    in a proxy), so requests keep the old placement meanwhile instead of
+    A map whose rings the view has not built is built a step per reactor turn
+    (a proxy's clock), so requests keep the old placement meanwhile instead of
     stalling behind a ring build; L{MapView.settled} fires once it is in. A
-    map with rings already built goes in at once.
+    map with rings already built goes in at once, and a map already arriving
+    is not built twice.
     """
-    builds: list[tuple[Any, Deferred[Any]]] = []
-
-    def build(f: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        builds.append((f, d))
-        return d
-
+    clock = Clock()
     ring = shared_ring(tuple(NODES_3))
-    view = MapView.from_nodes(NODES_3, SIZES, ring.vnodes, ring, build=build)
+    view = MapView.from_nodes(NODES_3, SIZES, ring.vnodes, ring, clock=clock)
     same = bootstrap("a" * 16, dict.fromkeys(NODES_3, 1.0), 3, 2, 2, ring.vnodes)
     view.receive(same)
-    assert view.epoch == 1 and builds == []
+    assert view.epoch == 1 and clock.getDelayedCalls() == []
     grown = stage(same, add=[(NEW_NODE, 1.0)])
     view.receive(grown)
     waiting = view.settled()
-    assert view.epoch == 1 and len(builds) == 1 and not waiting.called
+    assert view.epoch == 1 and len(clock.getDelayedCalls()) == 1 and not waiting.called
     view.receive(grown)
-    assert len(builds) == 1, "a map already arriving is not built twice"
-    f, d = builds[0]
-    d.callback(f())
+    assert len(clock.getDelayedCalls()) == 1, "a map already arriving is not built twice"
+    turns = 0
+    while clock.getDelayedCalls():
+        assert view.epoch == 1
+        one_turn(clock)
+        turns += 1
+    assert turns > 100, "the ring is built in many small steps"
     assert view.epoch == 2 and waiting.called
     assert set(view.write_rings()[-1].nodes) == {*NODES_3, NEW_NODE}
+    assert view.write_rings()[-1] == Ring([*NODES_3, NEW_NODE], ring.vnodes)
     assert view.settled().called
+
+
+def test_a_planned_map_is_built_ahead_and_then_installed_at_once() -> None:
+    """
+    L{MapView.prewarm} builds the rings of the next map (one a plan staged)
+    in the background; received once committed, the map goes in at once.
+    A map received while its rings are still being built ahead waits for
+    that build, hurried, rather than starting a second one.
+    """
+    clock = Clock()
+    ring = shared_ring(tuple(NODES_3))
+    view = MapView.from_nodes(NODES_3, SIZES, ring.vnodes, ring, clock=clock)
+    first = bootstrap("b" * 16, dict.fromkeys(NODES_3, 1.0), 3, 2, 2, ring.vnodes)
+    view.receive(first)
+    # Nodes no other test uses: rings are cached process-wide.
+    grown = stage(first, add=[("127.0.0.1:8091", 1.0)])
+    view.prewarm(grown)
+    assert view.epoch == 1 and len(clock.getDelayedCalls()) == 1
+    view.prewarm(grown)
+    assert len(clock.getDelayedCalls()) == 1, "one build at a time"
+    while clock.getDelayedCalls():
+        one_turn(clock)
+    assert view.epoch == 1, "built ahead, not installed"
+    view.receive(grown)
+    assert view.epoch == 2 and clock.getDelayedCalls() == []
+    assert set(view.write_rings()[-1].nodes) == {*NODES_3, "127.0.0.1:8091"}
+
+    # Received while still being built ahead: the same build, finished.
+    again = stage(bumped(first, 5), add=[("127.0.0.1:8092", 1.0)])
+    view2 = MapView.from_nodes(NODES_3, SIZES, ring.vnodes, ring, clock=clock)
+    view2.receive(bumped(first, 5))
+    view2.prewarm(again)
+    one_turn(clock)
+    view2.receive(again)
+    assert view2.epoch == 5 and len(clock.getDelayedCalls()) == 1
+    while clock.getDelayedCalls():
+        one_turn(clock)
+    assert view2.epoch == 6 and view2.settled().called
+
+
+def test_a_planned_map_of_another_cluster_or_a_past_epoch_is_not_built() -> None:
+    clock = Clock()
+    ring = shared_ring(tuple(NODES_3))
+    view = MapView.from_nodes(NODES_3, SIZES, ring.vnodes, ring, clock=clock)
+    first = bootstrap("c" * 16, dict.fromkeys(NODES_3, 1.0), 3, 2, 2, ring.vnodes)
+    new = [("127.0.0.1:8093", 1.0)]
+    view.prewarm(stage(first, add=new))
+    assert clock.getDelayedCalls() == [], "a provisional view has no next epoch"
+    view.receive(bumped(first, 3))
+    view.prewarm(stage(first, add=new))  # epoch 2: passed
+    view.prewarm(stage(bumped(dataclasses.replace(first, cluster_id="d" * 16), 3), add=new))
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_poll_that_sees_a_plan_for_the_next_epoch_builds_its_rings_ahead() -> None:
+    """
+    A node asked what it would send for a plan says so in ``GET /replica/map``
+    (``planned``), until it learns that epoch; a proxy's poll hands a planned
+    map of its next epoch to its view (L{MapView.prewarm}), whichever proxy
+    staged it, and ignores any other.
+    """
+    c = cluster()
+    m = c.bootstrap()
+    seen: list[ClusterMap] = []
+    c.view.prewarm = seen.append  # type: ignore[method-assign,assignment]
+    planned = stage(m, add=[(NEW_NODE, 1.0)])
+    c.nodes[NODES_3[1]].store.mapstore.note_planned(bumped(planned, 3))
+    c.pump(c.sync.refresh())
+    assert seen == [], "not the next epoch"
+    c.nodes[NODES_3[0]].store.mapstore.note_planned(planned)
+    c.pump(c.sync.refresh())
+    assert seen == [planned]
+    for node in c.nodes.values():
+        c.pump(node.store.mapstore.learn(bumped(m, 2)))
+    answer = c.nodes[NODES_3[0]].store.mapstore.as_json()
+    assert "planned" not in answer, "said only until that epoch is learned"
 
 
 def test_the_view_reuses_a_given_ring() -> None:

@@ -34,6 +34,7 @@ from shardkv.core.placement import (
     HASH_SPACE,
     KeyPlacement,
     Ring,
+    complete,
     hash_key,
 )
 
@@ -487,6 +488,47 @@ def test_points_are_the_ring() -> None:
 def test_rejects_bad_rings(nodes: object, vnodes: int, error: type[Exception]) -> None:
     with pytest.raises(error):
         Ring(nodes, vnodes=vnodes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "vnodes", "error"),
+    [([], DEFAULT_VNODES, ValueError), ({"a:1": 0.0}, DEFAULT_VNODES, ValueError)],
+)
+def test_a_stepwise_ring_checks_its_arguments_at_once(
+    nodes: object, vnodes: int, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        Ring.stepwise(nodes, vnodes=vnodes)  # type: ignore[arg-type]
+
+
+def test_a_ring_built_step_by_step_is_the_same_ring() -> None:
+    """
+    L{Ring.stepwise} builds, a small step per C{next()}, exactly the ring
+    C{Ring()} builds: the same points, owners and lookup table; the new
+    node's points are sorted in parts, and each step is short (a proxy runs
+    one per reactor turn, between requests).
+    """
+    weights = {"a:1": 1.0, "b:1": 2.0, "stepwise-new:1": 1.0}
+    steps = Ring.stepwise(weights)
+    durations = []
+    while True:
+        started = time.process_time()
+        try:
+            next(steps)
+        except StopIteration as done:
+            stepwise: Ring = done.value
+            break
+        finally:
+            durations.append(time.process_time() - started)
+    whole = Ring(weights)
+    assert stepwise == whole
+    assert list(stepwise.points()) == list(whole.points())
+    assert stepwise._slices == whole._slices and stepwise._slice_shift == whole._slice_shift
+    assert all(stepwise.owner(f"k{i}") == whole.owner(f"k{i}") for i in range(2000))
+    assert len(durations) > 100
+    # Most steps take a small fraction of the whole; CPU time, so a busy box does not matter.
+    assert sorted(durations)[len(durations) // 2] < sum(durations) / 50
+    assert complete(Ring.stepwise(weights)) == whole
 
 
 def test_small_rings_still_work() -> None:

@@ -351,3 +351,25 @@ async def test_writes_accepted_before_a_learn_are_committed_when_it_returns(
     assert scanned_at_learn == [100]
     assert await gatherResults(writes) == [True] * 100
     engine.failpoints.clear()
+
+
+# -- a plan's map, said to the proxies -------------------------------------------------
+
+
+def test_a_planned_map_is_said_until_its_epoch_is_installed() -> None:
+    """
+    L{MapStore.note_planned}: the map a plan asked this node about shows in
+    ``GET /replica/map`` as ``planned`` (so that every proxy can build its
+    rings ahead), only for this node's cluster and only while it is newer
+    than the newest install.
+    """
+    store = MapStore(NODE, MemoryEngine())
+    store.load()
+    result(store.learn(cluster_map(1)))
+    store.note_planned(cluster_map(2, cluster_id="0" * 16))
+    store.note_planned(cluster_map(1))
+    assert "planned" not in store.as_json(), "another cluster's, or not newer"
+    store.note_planned(cluster_map(2))
+    assert store.as_json()["planned"] == cluster_map(2).to_json()
+    result(store.learn(cluster_map(2)))
+    assert "planned" not in store.as_json()

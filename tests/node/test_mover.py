@@ -31,7 +31,13 @@ from shardkv.core.records import Record
 from shardkv.core.versions import Version
 from shardkv.errors import NodeUnreachable, StorageFull
 from shardkv.node.mapstore import MapStore
-from shardkv.node.mover import Mover, StreamProgress, record_bytes, stream_meta
+from shardkv.node.mover import (
+    PACED_RECORDS,
+    Mover,
+    StreamProgress,
+    record_bytes,
+    stream_meta,
+)
 from shardkv.replica import codec
 from shardkv.replica.protocol import FENCE_GRACE
 from shardkv.storage.memory import MemoryEngine
@@ -413,6 +419,41 @@ class StreamTests(MoverCase):
         self.drive(self.stream_done)
         self.assertEqual(self.clock.seconds(), start)
         self.assertEqual(self.stream()["keys_moved"], moved)
+
+    def test_a_capped_stream_reads_few_records_per_reactor_turn(self) -> None:
+        """
+        Under a rate cap a stream scans L{PACED_RECORDS} records per reactor
+        turn, not the node's C{batch_records} (512 records hold a busy
+        node's reactor for tens of milliseconds, and the reads it serves
+        with it); an uncapped stream keeps the big turns.
+        """
+        for m, per_turn in ((joining(rate=3000), PACED_RECORDS), (joining(), 512)):
+            self.setUp()
+            limits: list[int] = []
+            real = self.engine.scan
+
+            def scan(
+                start: str = "", limit: int = 1000, real: Any = real, limits: Any = limits
+            ) -> Any:
+                limits.append(limit)
+                return real(start, limit)
+
+            self.engine.scan = scan  # type: ignore[method-assign]
+            fill(self.engine, 3000)
+            self.mapstore, self.mover = self.boot(A, batch_records=512)
+            self.learn(m)
+            self.drive(self.stream_done)
+            self.assertEqual(set(limits), {per_turn + 1})
+            self.assertGreater(self.stream()["keys_moved"], 0)
+
+    def test_a_plan_says_its_map_to_the_proxies(self) -> None:
+        """The map a plan is asked about is noted in the node's map store, whose
+        ``GET /replica/map`` then names it, for every proxy to build its rings."""
+        fill(self.engine, 100)
+        self.learn(cluster())
+        m = joining()
+        self.result(self.mover.plan(m))
+        self.assertEqual(self.mapstore.as_json()["planned"], m.to_json())
 
     def test_a_newer_map_stops_the_stream_of_an_older_epoch(self) -> None:
         """

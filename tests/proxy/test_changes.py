@@ -56,10 +56,17 @@ class ChangeCase(SynchronousTestCase):
         self.admin = self.proxy.admin
 
     def run_(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.successResultOf(Deferred.fromCoroutine(coro))
+        return self.successResultOf(self.turned(Deferred.fromCoroutine(coro)))
+
+    def turned(self, d: Deferred[T]) -> Deferred[T]:
+        """``d``, after the reactor turns a plan's ring building takes (now due)."""
+        clock = self.proxy.clock
+        while not d.called and any(c.getTime() <= clock.seconds() for c in clock.calls):
+            clock.advance(0)
+        return d
 
     def fails(self, coro: Coroutine[Any, Any, Any], error: type[ShardkvError]) -> ShardkvError:
-        failure = self.failureResultOf(Deferred.fromCoroutine(coro))
+        failure = self.failureResultOf(self.turned(Deferred.fromCoroutine(coro)))
         value = failure.value
         self.assertIs(type(value), error, failure.getTraceback())
         assert isinstance(value, ShardkvError)

@@ -143,9 +143,9 @@ def test_health_checks_every_node_at_start_through_the_pool() -> None:
     reached = [f"{host}:{port}" for host, port, *_ in reactor.tcpClients]
     assert sorted(set(reached)) == sorted(NODES)
     assert all(reached.count(node) == 2 for node in NODES)
-    pool = client(service)._pool
-    assert pool is not None
-    assert pool.maxPersistentPerHost == 5
+    agent = client(service).agent
+    assert agent is not None
+    assert agent.max_per_host == 5
     stopped = service.stopService()
     reactor.advance(0.49)
     assert not stopped.called

@@ -17,9 +17,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 
+from shardkv.testing.memory import make_node
 from shardkv.web.channel import MAX_HEAD_BYTES, MAX_REQUEST_LINE, ChunkSizes
+from shardkv.web.dataroutes import body_limit_for
+from shardkv.web.site import make_site
 from tests.web.test_site import LIMIT, Raw, Served, node, raw, serve_node
 
 __all__ = ["node"]
@@ -382,3 +387,34 @@ async def test_a_slow_but_steady_client_within_the_timeout_is_served(slow_node: 
 
     answer = await deferToThread(pieces, slow_node.port)
     assert answer.startswith(b"HTTP/1.1 201 "), answer
+
+
+class CountingTransport(StringTransport):
+    """Counts how often the channel asks for its addresses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: dict[str, int] = {}
+
+    def getHost(self) -> IPv4Address:
+        self.asked["host"] = self.asked.get("host", 0) + 1
+        return IPv4Address("TCP", "127.0.0.1", 8081)
+
+    def getPeer(self) -> IPv4Address:
+        self.asked["peer"] = self.asked.get("peer", 0) + 1
+        return IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+def test_a_connections_addresses_are_asked_once() -> None:
+    """Twisted asks for both on every request; a TCP getHost is a getsockname() call."""
+    node = make_node("127.0.0.1:8081", MemoryReactorClock())
+    site = make_site(node.resource(), body_limit_for(1 << 20), reactor=MemoryReactorClock())
+    transport = CountingTransport()
+    channel = site.buildProtocol(None)
+    channel.makeConnection(transport)
+    for _ in range(3):
+        channel.dataReceived(b"GET /get?key=k HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 404 ")
+        transport.clear()
+    assert transport.asked == {"host": 1, "peer": 1}
+    assert channel.isSecure() is False

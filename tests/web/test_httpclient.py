@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import pytest
 import pytest_twisted
+from hyperlink import EncodedURL
 from OpenSSL import SSL
 from service_identity import VerificationError
 from treq.client import HTTPClient
@@ -41,7 +42,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from shardkv.web.httpclient import HTTPClientService, load_ca_certificates
+from shardkv.web.httpclient import (
+    HTTPClientService,
+    PreparedURL,
+    PreparedURLs,
+    load_ca_certificates,
+)
 from tests.tlscerts import CA, Leaf
 
 reactor = cast(Any, _reactor)
@@ -226,6 +232,124 @@ class HTTPClientServiceTests(SynchronousTestCase):
         (connection,) = connect_all(self.reactor)
         connection.answer()
         assert self.successResultOf(d).code == 200
+
+    def test_stop_waits_for_a_call_in_flight(self) -> None:
+        """
+        If the service stops while a call is in flight, then the call still
+        gets its answer, its connection then closes instead of being kept,
+        and the stop fires only once it is gone.
+        """
+        service = self.started()
+        d = service.request("GET", NODE + b"/a")
+        (connection,) = connect_all(self.reactor)
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        connection.answer()
+        assert self.successResultOf(d).code == 200
+        assert connection.transport.disconnecting
+        self.assertNoResult(stopped)
+        connection.closed_by_server()
+        assert self.successResultOf(stopped) is None
+
+    def test_the_body_goes_out_with_the_head(self) -> None:
+        """
+        If a call has a body of bytes, then head and body leave in one write,
+        with a Content-Length, and no cookie header.
+        """
+        service = self.started()
+        d = service.request("POST", NODE + b"/replica/batch", data=b'{"ops":[]}')
+        (connection,) = connect_all(self.reactor)
+        sent = connection.transport.value()
+        assert sent.startswith(b"POST /replica/batch HTTP/1.1\r\n")
+        assert sent.endswith(b'\r\nContent-Length: 10\r\n\r\n{"ops":[]}')
+        assert b"cookie" not in sent.lower()
+        connection.answer()
+        self.successResultOf(d)
+
+    def test_cookies_are_never_kept_nor_sent(self) -> None:
+        """
+        If a node answers with Set-Cookie, then the next call carries no
+        cookie; a caller passing cookies is refused with L{TypeError}.
+        """
+        service = self.started()
+        d = service.request("GET", NODE + b"/a")
+        (connection,) = connect_all(self.reactor)
+        connection.protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: a=b; Path=/\r\nContent-Length: 2\r\n\r\nok"
+        )
+        self.successResultOf(d)
+        connection.transport.clear()
+        d = service.request("GET", NODE + b"/a")
+        assert b"cookie" not in connection.transport.value().lower()
+        connection.answer()
+        self.successResultOf(d)
+        with pytest.raises(TypeError, match="cookies"):
+            service.request("GET", NODE + b"/a", cookies={"a": "b"})
+
+    def test_a_host_no_url_can_name_raises_at_once(self) -> None:
+        """
+        If the URL's host cannot be IDNA-encoded, then C{request} raises
+        L{ValueError} before anything is sent (the replica client's "not a
+        usable address"), as treq itself would.
+        """
+        service = self.started()
+        with pytest.raises(ValueError):
+            service.request("GET", b"http://a..b:9101/x")
+        assert self.reactor.tcpClients == []
+
+
+class PreparedURLTests(SynchronousTestCase):
+    """L{PreparedURL}: treq sends it exactly as it would have sent the bytes."""
+
+    def test_the_wire_form_is_what_treq_makes(self) -> None:
+        """
+        If a URL is prepared, then C{to_uri().to_text()} (what treq sends)
+        gives the same text as treq's own parse of the bytes, for IP hosts,
+        names, IDNA names, escapes and queries.
+        """
+        for url in [
+            b"http://127.0.0.1:9101/replica/batch",
+            b"https://node-1.example:8443/replica/kv/a%20b?x=1&y",
+            b"http://xn--bcher-kva.example/k",
+        ]:
+            expected = EncodedURL.from_text(url.decode()).to_uri().to_text()
+            prepared = PreparedURL.prepare(url)
+            assert prepared.to_uri().to_text() == expected
+            assert prepared.to_uri() is prepared
+
+    def test_a_changed_copy_is_a_plain_url(self) -> None:
+        """
+        If treq changes a prepared URL (C{params=} replaces its query), then
+        the copy is encoded afresh and carries the new query.
+        """
+        prepared = PreparedURL.prepare(b"http://127.0.0.1:9101/a?x=1")
+        changed = prepared.replace(query=(*prepared.query, ("y", "2")))
+        assert changed.to_uri().to_text() == "http://127.0.0.1:9101/a?x=1&y=2"
+
+    def test_the_cache_is_bounded(self) -> None:
+        """
+        If more distinct URLs are prepared than the cache holds, then it
+        starts again rather than growing; a URL seen again is the same object.
+        """
+        urls = PreparedURLs(size=3)
+        first = urls.get(b"http://h:1/0")
+        assert urls.get(b"http://h:1/0") is first
+        for i in range(1, 4):
+            urls.get(b"http://h:1/%d" % i)
+        assert len(urls._urls) == 1
+        assert urls.get(b"http://h:1/0") is not first
+
+    def test_params_through_the_service(self) -> None:
+        """
+        If a caller passes C{params}, then they go out in the query (treq's
+        own path, on a copy of the prepared URL).
+        """
+        reactor = MemoryReactorClock()
+        service = HTTPClientService(reactor)
+        service.startService()
+        service.request("GET", NODE + b"/a?x=1", params={"y": "2"})
+        (connection,) = connect_all(reactor)
+        assert connection.transport.value().startswith(b"GET /a?x=1&y=2 HTTP/1.1\r\n")
 
 
 TOKEN = "s3cret-cluster-token"

@@ -33,12 +33,16 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http import datetimeToString
+from twisted.web.resource import EncodingResourceWrapper, Resource
+from twisted.web.server import GzipEncoderFactory
+from twisted.web.server import version as server_version
 from zope.interface import implementer
 
 from shardkv import tap
@@ -46,8 +50,9 @@ from shardkv.node.service import make_node_service
 from shardkv.proxy.service import make_proxy_service
 from shardkv.storage.memory import MemoryEngine
 from shardkv.testing.polling import free_port
+from shardkv.web import site as site_module
 from shardkv.web.dataroutes import JSON_ENVELOPE_SLACK
-from shardkv.web.site import LimitedRequest, QuietSite
+from shardkv.web.site import LimitedRequest, QuietSite, make_site
 from tests.tlscerts import CA
 
 reactor = cast(Any, _reactor)
@@ -893,3 +898,85 @@ async def test_asterisk_target(node: Served, method: bytes, status: int) -> None
         assert got.json()["error"] == "method_not_allowed"
     else:
         assert got.body == b""
+
+
+# -- the request's processing, in memory --------------------------------------------------
+
+
+class _Boom(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        raise RuntimeError("boom")
+
+
+class _Text(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return b"compress me " * 100
+
+
+def _answer_of(resource: Resource, head: bytes) -> bytes:
+    """The answer of a site with this shape's requests, serving ``resource`` as it is."""
+    site = QuietSite(resource, LimitedRequest, reactor=MemoryReactorClock())
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    channel = site.buildProtocol(None)
+    channel.makeConnection(transport)
+    channel.dataReceived(head)
+    return cast(bytes, transport.value())
+
+
+def test_the_date_header_is_made_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twisted formats it for every request (2.6 us); it is the same all second long."""
+    now = [1_800_000_000.25]
+    monkeypatch.setattr(site_module.time, "time", lambda: now[0])
+    first = site_module.http_date()
+    assert first == datetimeToString(1_800_000_000)
+    now[0] += 0.7
+    assert site_module.http_date() is first
+    now[0] += 0.1
+    assert site_module.http_date() == datetimeToString(1_800_000_001)
+
+
+def test_requests_get_twisteds_server_and_date_headers() -> None:
+    got = _answer_of(_Text(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = got.split(b"\r\n\r\n")[0].decode()
+    assert f"Server: {server_version.decode()}\r\n" in head
+    date = re.search(r"Date: (.*)\r\n", head)
+    assert date is not None and date.group(1).endswith(" GMT")
+
+
+def test_a_resource_s_encoder_still_applies() -> None:
+    """The request's process() is Twisted's, less the Date: encoders (gzip) are kept."""
+    wrapped = EncodingResourceWrapper(_Text(), [GzipEncoderFactory()])
+    got = _answer_of(wrapped, b"GET / HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert b"Content-Encoding: gzip" in head
+    assert len(body) < 300
+
+
+def test_a_resource_that_fails_is_twisteds_500() -> None:
+    got = _answer_of(_Boom(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 500 ")
+    assert b"boom" not in got  # no traceback shown
+
+
+def test_a_body_free_request_is_not_weighed() -> None:
+    """A GET has no body: its route's limit is not even looked up."""
+    asked: list[bytes] = []
+
+    def limit(method: bytes, path: bytes) -> int:
+        asked.append(path)
+        return 10
+
+    site = make_site(_Text(), limit, reactor=MemoryReactorClock())
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    channel = site.buildProtocol(None)
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    transport.clear()
+    channel.dataReceived(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n01234567890")
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert asked == [b"/b"]
