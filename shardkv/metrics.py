@@ -422,6 +422,27 @@ class ProxyMetrics:
             "Requests run again at a newer cluster map after nodes refused their epoch.",
             registry=registry,
         )
+        self.read_hedges = Counter(
+            "shardkv_read_hedges",
+            "Reads that asked their spare replicas because the first R had not answered "
+            "within the hedge delay.",
+            registry=registry,
+        )
+        self.reads_of_all = Counter(
+            "shardkv_reads_of_all",
+            "Reads that asked all N replicas (the read-all share, or a move) instead of R.",
+            registry=registry,
+        )
+        self.one_round_retries = Counter(
+            "shardkv_one_round_retries",
+            "One-round write tries sent again, past the newer version a replica refused with.",
+            registry=registry,
+        )
+        self.one_round_fallbacks = Counter(
+            "shardkv_one_round_fallbacks",
+            "One-round writes that fell back to reading the version first.",
+            registry=registry,
+        )
         self.hints_queued = Counter(
             "shardkv_hints_queued",
             "Writes a replica missed, for which the proxy sought a hint holder.",

@@ -217,7 +217,7 @@ class _Read:
         if self.done.called:
             return
         c = self.coordinator
-        c.hedges += 1
+        c._hedges.inc()
         until = c.clock.seconds() + SLOW_FOR
         for node in self.waiting:
             c._slow[node] = until
@@ -486,23 +486,39 @@ class Coordinator:
         self._random = random.Random()
         self._slow: dict[str, float] = {}
         """Replicas that let a hedge fire, and until when they are asked last."""
-        self.hedges = 0
-        """Reads whose hedge fired (spares asked because the first R were slow)."""
-        self.reads_of_all = 0
-        """Reads that asked all N (the read-all share, or a move)."""
         self.seen = SeenCounters()
         """The newest version counter seen per key: one-round writes mint past it."""
         self.one_round = True
         """Whether writes that may (L{_in_one_round}) skip the version read."""
-        self.one_round_retries = 0
-        """One-round tries sent again with a newer version after refusals."""
-        self.one_round_fallbacks = 0
-        """One-round writes that fell back to reading the version first."""
+        self._hedges = self.metrics.read_hedges
+        self._reads_of_all = self.metrics.reads_of_all
+        self._one_round_retries = self.metrics.one_round_retries
+        self._one_round_fallbacks = self.metrics.one_round_fallbacks
 
     @property
     def repairs(self) -> int:
         """Read repairs sent so far (``shardkv_read_repairs_total``)."""
         return int(counter_value(self._repairs))
+
+    @property
+    def hedges(self) -> int:
+        """Reads whose hedge fired (``shardkv_read_hedges_total``)."""
+        return int(counter_value(self._hedges))
+
+    @property
+    def reads_of_all(self) -> int:
+        """Reads that asked all N (``shardkv_reads_of_all_total``)."""
+        return int(counter_value(self._reads_of_all))
+
+    @property
+    def one_round_retries(self) -> int:
+        """One-round tries sent again past a refusal (``shardkv_one_round_retries_total``)."""
+        return int(counter_value(self._one_round_retries))
+
+    @property
+    def one_round_fallbacks(self) -> int:
+        """One-round writes that read first in the end (``shardkv_one_round_fallbacks_total``)."""
+        return int(counter_value(self._one_round_fallbacks))
 
     @property
     def epoch_retries(self) -> int:
@@ -589,7 +605,7 @@ class Coordinator:
         # that are settling. Moves are rare, so this costs little.
         moving = len(p.write_rings) > 1
         if moving or self._random.random() < self.read_all_fraction:
-            self.reads_of_all += 1
+            self._reads_of_all.inc()
             read.ask_all(up)
         else:
             read.start(self._hedge_order(up))
@@ -798,9 +814,9 @@ class Coordinator:
                     break
                 self.seen.saw(key, refused)
                 if attempt + 1 < ONE_ROUND_ATTEMPTS:
-                    self.one_round_retries += 1
+                    self._one_round_retries.inc()
                     version = self.versions.mint(refused)
-            self.one_round_fallbacks += 1
+            self._one_round_fallbacks.inc()
             if stale:  # and a try may be on some replicas: read, then write, at the new map
                 if self.view.epoch == p.epoch:
                     await self.view.settled()
