@@ -92,7 +92,7 @@ from machine import cpu_ticks as cpu_ticks
 from machine import find_twistd as find_twistd
 from machine import find_wrk as find_wrk
 from machine import machine_info as machine_info
-from profiles import profile
+from profiles import find_pyspy, profile
 from report import HEADER, Goal, Ratio, print_round_ratios, print_summary, row, summarize
 from wrkrun import Run, Target, run_wrk
 from wrkrun import WrkResult as WrkResult
@@ -627,6 +627,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         wrk = find_wrk()
         find_twistd()
+        if args.profile:
+            find_pyspy()  # before the rounds, not after them
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
