@@ -70,15 +70,27 @@ HOTSPOTS: list[tuple[str, str]] = [
         "inbound: twisted.web reads a client request",
         r"^HTTPChannel\.dataReceived \(twisted\.web\.http\)",
     ),
-    ("  Klein dispatch + handler (KleinResource.render)", r"^KleinResource\.render \(klein"),
+    (
+        "  Klein dispatch + handler (KleinResource.render, shardkv's RouterResource.render)",
+        r"^(KleinResource\.render \(klein|RouterResource\.render \(shardkv)",
+    ),
     ("    werkzeug URL matching", r"\(werkzeug\."),
     ("    our code: Coordinator read/write/remove", r"^Coordinator\.(read|write|remove) \(shardkv"),
-    ("      NodeClient._call (all of the outbound call)", r"^NodeClient\._call \(shardkv"),
+    (
+        "      ReplicaClient._call (all of the outbound call)",
+        r"^(NodeClient|ReplicaClient)\._call \(shardkv|^_Exchange\.",
+    ),
     ("        treq HTTPClient.request", r"^HTTPClient\.request \(treq"),
     ("          hyperlink URL parsing", r"\(hyperlink\."),
-    ("          Agent.request (pool, endpoint, request write)", r"^Agent\.request \(twisted\.web"),
+    (
+        "          Agent.request (pool, endpoint, request write; PersistentAgent after 242c371)",
+        r"^(Agent\.request \(twisted\.web|PersistentAgent\.request \(shardkv)",
+    ),
     ("            HostnameEndpoint (built per request)", r"^HostnameEndpoint\."),
-    ("node answers: HTTP11ClientProtocol.dataReceived", r"^HTTP11ClientProtocol\.dataReceived"),
+    (
+        "node answers: HTTP11ClientProtocol.dataReceived (shardkv's _Connection after 242c371)",
+        r"^(HTTP11ClientProtocol\.dataReceived|_Connection\.dataReceived \(shardkv\.web\.agent)",
+    ),
     (
         "  treq wrappers on the answer (redirect, gzip, cookies)",
         r"^(RedirectAgent|ContentDecoderAgent)\._handleResponse|^CookieAgent\._extractCookies",
