@@ -33,9 +33,9 @@ from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet.abstract import isIPAddress
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
@@ -51,6 +51,7 @@ from shardkv.client.api import (
     Reply,
     TransportError,
 )
+from shardkv.web.agent import BytesProducer
 
 __all__ = [
     "APIError",
@@ -157,33 +158,16 @@ class ReactorThread:
             self._thread.join(deadline)
 
 
-@implementer(IBodyProducer)
-class _BytesBody:
+def _bytes_body(body: bytes) -> IBodyProducer:
     """A request body written in one go.
 
     treq's default producer for bytes is a C{FileBodyProducer} on the
     I{global} cooperator, which runs on the global reactor: on a private
     reactor it would never write a byte.
     """
-
-    def __init__(self, body: bytes) -> None:
-        if not isinstance(body, bytes):
-            raise TypeError(f"the API client sends bytes, not {type(body).__name__}")
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
+    if not isinstance(body, bytes):
+        raise TypeError(f"the API client sends bytes, not {type(body).__name__}")
+    return BytesProducer(body)
 
 
 @implementer(IAgentEndpointFactory)
@@ -237,7 +221,7 @@ class BlockingClient:
         self.pool.maxPersistentPerHost = max_per_host
         self.pool.retryAutomatically = False  # a retried request would be two in the history
         agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor), pool=self.pool)
-        http = HTTPClient(agent, data_to_body_producer=_BytesBody)
+        http = HTTPClient(agent, data_to_body_producer=_bytes_body)
         self._client = Client(http, base_url, reactor=reactor, timeout=timeout)
 
     @property
