@@ -167,6 +167,29 @@ def _service(subcommand: str | None, sub: Any, reactor: Any) -> IService:
     return _cluster(sub, reactor)
 
 
+def _shared_proxy_options(sub: ProxyOptions | ClusterOptions) -> dict[str, Any]:
+    """The L{make_proxy_service} arguments that ``proxy`` and ``cluster`` take
+    from options of the same names."""
+    return dict(
+        listen=sub.endpoints(),
+        max_value_bytes=sub["max-value-bytes"],
+        timeout=sub["timeout"],
+        pipeline_depth=sub["pipeline-depth"],
+        access_log=sub["access-log"],
+        echo_errors=sub.echo_errors(),
+        replicas=sub["replicas"],
+        r=sub["r"],
+        w=sub["w"],
+        ca_file=sub["ca-file"],
+        token=sub["token"],
+        client_token=sub["client-token"],
+        header_timeout=sub["header-timeout"],
+        max_connections=sub["max-connections"],
+        max_inflight_bytes=sub["max-inflight-bytes"] or PROXY_MAX_INFLIGHT_BYTES,
+        rebalance_rate=sub["rebalance-rate"],
+    )
+
+
 def proxy_service(sub: ProxyOptions, reactor: Any, **overrides: Any) -> ProxyService:
     """The proxy that ``twistd shardkv proxy`` runs, from its options.
 
@@ -175,31 +198,16 @@ def proxy_service(sub: ProxyOptions, reactor: Any, **overrides: Any) -> ProxySer
     own app and listeners this way.
     """
     kwargs: dict[str, Any] = dict(
+        _shared_proxy_options(sub),
         reactor=reactor,
         nodes=sub["nodes"],
-        listen=sub.endpoints(),
-        max_value_bytes=sub["max-value-bytes"],
-        timeout=sub["timeout"],
         vnodes=sub["vnodes"],
         pool_size=sub["pool-size"],
-        pipeline_depth=sub["pipeline-depth"],
         node_inflight_bytes=sub["node-inflight-bytes"],
         health_interval=sub["health-interval"],
-        access_log=sub["access-log"],
-        echo_errors=sub.echo_errors(),
-        replicas=sub["replicas"],
-        r=sub["r"],
-        w=sub["w"],
         writer_id=sub["proxy-id"],
         clock_offset_ms=sub["clock-offset-ms"],
         urls=sub["node-urls"],
-        ca_file=sub["ca-file"],
-        token=sub["token"],
-        client_token=sub["client-token"],
-        header_timeout=sub["header-timeout"],
-        max_connections=sub["max-connections"],
-        max_inflight_bytes=sub["max-inflight-bytes"] or PROXY_MAX_INFLIGHT_BYTES,
-        rebalance_rate=sub["rebalance-rate"],
     )
     kwargs.update(overrides)
     return make_proxy_service(**kwargs)
@@ -228,26 +236,11 @@ def _cluster(sub: ClusterOptions, reactor: Any) -> MultiService:
             path=os.path.abspath(sub["data-dir"]),
         )
     make_proxy_service(
+        **_shared_proxy_options(sub),
         reactor=reactor,
         nodes=nodes,
-        listen=sub.endpoints(),
-        max_value_bytes=sub["max-value-bytes"],
-        timeout=sub["timeout"],
-        access_log=sub["access-log"],
-        echo_errors=sub.echo_errors(),
         writer_id=f"proxy-{sub['port']}",
-        replicas=sub["replicas"],
-        r=sub["r"],
-        w=sub["w"],
-        pipeline_depth=sub["pipeline-depth"],
         urls={node: f"{scheme}://{node}" for node in nodes},
-        ca_file=sub["ca-file"],
-        token=sub["token"],
-        client_token=sub["client-token"],
-        header_timeout=sub["header-timeout"],
-        max_connections=sub["max-connections"],
-        max_inflight_bytes=sub["max-inflight-bytes"] or PROXY_MAX_INFLIGHT_BYTES,
-        rebalance_rate=sub["rebalance-rate"],
     ).setServiceParent(top)
     return top
 
