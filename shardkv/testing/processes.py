@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardkv.client.api import Reply
-from shardkv.testing.polling import HOST, ProcessError, free_port, wait_healthy
+from shardkv.client.blocking import request
+from shardkv.testing.polling import HOST, ProcessError, free_port, poll_until, wait_healthy
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 """The venv's twistd: the same interpreter and installed plugins as the tests."""
@@ -139,6 +140,26 @@ class Proc:
     ) -> Reply:
         """Poll ``<url>/health`` until it answers 200; fail early if the process exits."""
         return wait_healthy(self.url + "/health", deadline, ready=ready, alive=self.check_running)
+
+    def wait_sees_up(self, nodes: Iterable[Proc | str | int], deadline: float = 10.0) -> None:
+        """For a proxy: poll its ``/cluster`` until it shows every one of ``nodes`` up.
+
+        A proxy started beside its nodes may have checked a node before that
+        node listened, and marked it down until its next check; a test that
+        sends data right after ``wait_healthy`` would then get 503s.
+        """
+        want = {_node_address(n) for n in nodes}
+
+        def all_up() -> bool:
+            reply = request("GET", self.url + "/cluster")
+            if reply.status != 200:
+                return False
+            up = {n["node"] for n in reply.json()["nodes"] if n["health"]["status"] == "up"}
+            return want <= up
+
+        poll_until(
+            all_up, deadline, f"{self.name} to see {sorted(want)} up", alive=self.check_running
+        )
 
     def wait(self, deadline: float = STOP_DEADLINE) -> int:
         """Wait for the process to exit; its status (negative: killed by that signal)."""

@@ -127,6 +127,7 @@ def test_dashboard_live(procs: ProcessSet, tmp_path: Path) -> None:
     for node in nodes:
         node.wait_healthy()
     proxy.wait_healthy()
+    proxy.wait_sees_up(nodes)
     ids = sorted(addr(n) for n in nodes)
     ring = send("GET", proxy.url + "/dashboard/ring.json").json()
     assert [n["node"] for n in ring["nodes"]] == ids, ring

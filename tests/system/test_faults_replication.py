@@ -103,8 +103,7 @@ def start_cluster(
     for proc in [*started, *front]:
         proc.wait_healthy()
     for proxy in front:
-        for node in started:
-            wait_status(proxy, node, "up")
+        proxy.wait_sees_up(started, STATUS_DEADLINE)
     return Cluster(started, front)
 
 

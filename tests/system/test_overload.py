@@ -68,12 +68,7 @@ def start(procs: ProcessSet, root: Path) -> Proc:
     proxy = procs.start_proxy(None, nodes, wait=False)
     for proc in [*nodes, proxy]:
         proc.wait_healthy()
-
-    def all_up() -> bool:
-        reply = send("GET", proxy.url + "/cluster")
-        return all(n["health"]["status"] == "up" for n in reply.json()["nodes"])
-
-    poll_until(all_up, 10.0, "the proxy to see every node up", alive=proxy.check_running)
+    proxy.wait_sees_up(nodes)
     return proxy
 
 
