@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 BENCH_ARGS ?=
 
-.PHONY: run test unit lint typecheck bench bench-latency bench-ceiling bench-storage bench-replication \
+.PHONY: run test unit lint typecheck bench bench-latency bench-floor bench-ceiling bench-storage bench-replication \
         system-deps clean schemathesis
 
 $(STAMP): pyproject.toml
@@ -57,7 +57,7 @@ bench: $(BENCH_STAMP)
 	@./scripts/system-deps wrk
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-bench-latency bench-ceiling bench-storage bench-replication: bench-%: $(BENCH_STAMP)
+bench-latency bench-floor bench-ceiling bench-storage bench-replication: bench-%: $(BENCH_STAMP)
 	@./scripts/system-deps wrk
 	$(BIN)/python bench/run.py $* $(BENCH_ARGS)
 

@@ -329,26 +329,22 @@ def proxied_cluster(args: argparse.Namespace, procs: Processes) -> ProxiedCluste
     return ProxiedCluster(nodes, proxy, direct, all_keys, own_keys, setup)
 
 
-# -- ceiling mode: the bare twisted.web server ----------------------------------------
+# -- ceiling and floor modes: the bare servers ---------------------------------------
 
 
 BARE_SERVER = BENCH_DIR / "bare_server.py"
+FLOOR_PROXY = BENCH_DIR / "floor_proxy.py"
 
 
-def start_bare(procs: Processes, data: dict[str, str], name: str = "bare") -> Proc:
-    """``python bench/bare_server.py PORT DATA.json`` on a free port, ready once it
-    answers ``GET /get?key=<first key>``. Its output goes to ``<name>.out``; it is
-    stopped with the rest (SIGTERM; the reactor stops on it)."""
-    if not data:
-        raise BenchError("the bare server needs at least one key")
-    data_path = procs.root / f"{name}-data.json"
-    data_path.write_text(json.dumps(data), encoding="utf-8")
-    probe = quote(next(iter(data)), safe="")
+def start_script(procs: Processes, name: str, script: Path, args: list[str], probe: str) -> Proc:
+    """``python SCRIPT PORT ARGS...`` on a free port, ready once ``GET <probe>``
+    answers 200. Its output goes to ``<name>.out``; it is stopped with the rest
+    (SIGTERM; the reactor stops on it)."""
     for attempt in range(3):
         port = free_port()
         proc = Proc(
             name=name,
-            args=[sys.executable, str(BARE_SERVER), str(port), str(data_path)],
+            args=[sys.executable, str(script), str(port), *args],
             log_path=procs.root / f"{name}.log",
             out_path=procs.root / f"{name}.out",
             cwd=procs.root,
@@ -357,7 +353,7 @@ def start_bare(procs: Processes, data: dict[str, str], name: str = "bare") -> Pr
         procs.procs.append(proc)
         proc.start()
         try:
-            wait_healthy(f"{proc.url}/get?key={probe}", STARTUP_SECONDS, alive=proc.check_running)
+            wait_healthy(proc.url + probe, STARTUP_SECONDS, alive=proc.check_running)
         except ProcessError:
             if attempt < 2 and "Address already in use" in proc.tail():
                 proc.stop()
@@ -366,3 +362,19 @@ def start_bare(procs: Processes, data: dict[str, str], name: str = "bare") -> Pr
             raise
         return proc
     raise AssertionError("unreachable")
+
+
+def start_bare(procs: Processes, data: dict[str, str], name: str = "bare") -> Proc:
+    """``bench/bare_server.py`` serving ``data``, ready once it answers the first key."""
+    if not data:
+        raise BenchError("the bare server needs at least one key")
+    data_path = procs.root / f"{name}-data.json"
+    data_path.write_text(json.dumps(data), encoding="utf-8")
+    probe = "/get?key=" + quote(next(iter(data)), safe="")
+    return start_script(procs, name, BARE_SERVER, [str(data_path)], probe)
+
+
+def start_floor(procs: Processes, nodes: Sequence[Proc], key: str, name: str = "floor") -> Proc:
+    """``bench/floor_proxy.py`` over ``nodes``, ready once it answers ``key``."""
+    ports = [str(n.port) for n in nodes]
+    return start_script(procs, name, FLOOR_PROXY, ports, "/get?key=" + quote(key, safe=""))

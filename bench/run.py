@@ -3,6 +3,7 @@
     python bench/run.py                  # proxy mode: GET/SET, direct node vs proxied
     python bench/run.py --replicas 1 --r 1 --w 1   # the same with one copy per key
     python bench/run.py latency          # the same at c=1, 32 and 128: p50/p99, issue 10's targets
+    python bench/run.py floor            # latency mode beside the least an R=W=2 proxy costs
     python bench/run.py ceiling          # node GET vs a bare twisted.web server from a dict
     python bench/run.py storage          # PUT throughput, memory vs lmdb --durability always
     python bench/run.py replication      # GET/SET through an N=1 proxy vs an N=3 proxy
@@ -22,6 +23,15 @@ Latency mode is proxy mode's cluster and runs at each ``--concurrency`` (1,
 32 and 128 connections) in the same round: proxied p50 / direct p50 at c=1
 (target <= 4, GET and SET) and proxied/direct ops/s at c=32 (GET >= 0.5, SET
 >= 0.35), each the median of its per-round values, with a PASS/MISS line.
+
+Floor mode is latency mode (at c=1 and 32 by default) with a third target
+beside direct and proxied: ``bench/floor_proxy.py``, a leaf twisted.web
+Resource sending each GET or SET as it is to two of the nodes over kept-alive
+connections and answering once both replied, with no placement, versions,
+quorum rules, timeouts or errors. What it costs is the least two replica
+requests cost on this stack and machine, so floor/direct says how far any
+proxy here can get towards issue 10's targets, and proxied/floor how far the
+shardkv proxy is from that floor.
 
 Ceiling mode starts one memory node and ``bench/bare_server.py`` (a leaf
 twisted.web Resource answering ``GET /get?key=`` from a dict), both holding
@@ -60,7 +70,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +87,7 @@ from cluster import (
     proxied_cluster,
     quorum_levels,
     start_bare,
+    start_floor,
     start_nodes,
     start_proxy,
     storage_args,
@@ -227,6 +238,19 @@ def profiled_concurrency(concurrency: Sequence[int]) -> int:
     return min(concurrency, key=lambda c: (abs(c - PROFILED_CONCURRENCY), c))
 
 
+def profiled_runs(
+    targets: Sequence[Target], servers: Sequence[Proc], concurrency: Sequence[int]
+) -> list[tuple[Target, str]]:
+    """The runs ``--profile`` profiles: those of ``servers`` at the L{profiled_concurrency},
+    each with its file stem (``proxy-get-c32``)."""
+    pc = profiled_concurrency(concurrency)
+    return [
+        (t, f"{t.server.name}-{t.op.lower()}-c{pc}")
+        for t in targets
+        if t.server in servers and t.connections == pc
+    ]
+
+
 def latency_mode(args: argparse.Namespace, procs: Processes) -> Plan:
     """Proxy mode's cluster, loaded at each ``--concurrency`` in every round: direct
     GET, proxied GET, direct SET, proxied SET at the first, then the same at the
@@ -235,14 +259,64 @@ def latency_mode(args: argparse.Namespace, procs: Processes) -> Plan:
     targets: list[Target] = []
     for c in args.concurrency:
         targets += cluster.targets(c, args.keyspace, args.value_bytes, suffix=f" c={c}")
-    pc = profiled_concurrency(args.concurrency)
-    profiled = [
-        (t, f"{t.server.name}-{t.op.lower()}-c{pc}")
-        for t in targets
-        if t.server is cluster.proxy and t.connections == pc
-    ]
     setup = {**cluster.setup, "concurrency": list(args.concurrency)}
+    profiled = profiled_runs(targets, [cluster.proxy], args.concurrency)
     return Plan(targets, latency_ratios(args.concurrency), setup, profiled)
+
+
+# -- floor mode --------------------------------------------------------------------
+
+DEFAULT_FLOOR_CONCURRENCY = (1, 32)
+
+
+def floor_ratios(concurrency: Sequence[int]) -> list[Ratio]:
+    """At every concurrency, GET and SET: the floor proxy against the direct node
+    (with issue 10's targets, which the floor must meet for any proxy on this
+    stack to meet them), the shardkv proxy against the direct node, and the
+    shardkv proxy against the floor, for p50 (times slower) and ops/s."""
+    ratios = []
+    for c in concurrency:
+        suffix = f" c={c}"
+        for metric in ("p50", "ops/s"):
+            for op in ("GET", "SET"):
+                direct, floor = (op, "direct" + suffix), (op, "floor" + suffix)
+                proxied = (op, "proxied" + suffix)
+                goal = LATENCY_GOALS.get((op, metric, c))
+                ratios += [
+                    Ratio(f"{op} {metric} floor/direct{suffix}", floor, direct, metric, goal),
+                    Ratio(f"{op} {metric} proxied/direct{suffix}", proxied, direct, metric, goal),
+                    Ratio(f"{op} {metric} proxied/floor{suffix}", proxied, floor, metric),
+                ]
+    return ratios
+
+
+def floor_mode(args: argparse.Namespace, procs: Processes) -> Plan:
+    """Latency mode's cluster plus ``bench/floor_proxy.py`` over two of its nodes: at
+    each ``--concurrency``, direct, floor and proxied GET, then the same for SET,
+    back to back, so each ratio compares runs made under the same load."""
+    cluster = proxied_cluster(args, procs)
+    floor = start_floor(procs, cluster.nodes[:2], "k0")
+    print(
+        f"floor proxy on {floor.port}, forwarding to {cluster.nodes[0].name} and "
+        f"{cluster.nodes[1].name}"
+    )
+    targets: list[Target] = []
+    for c in args.concurrency:
+        suffix = f" c={c}"
+        direct_get, proxied_get, direct_set, proxied_set = cluster.targets(
+            c, args.keyspace, args.value_bytes, suffix=suffix
+        )
+        watch = [floor, *cluster.nodes[:2]]
+        floor_get = replace(proxied_get, target="floor" + suffix, server=floor, watch=watch)
+        floor_set = replace(proxied_set, target="floor" + suffix, server=floor, watch=watch)
+        targets += [direct_get, floor_get, proxied_get, direct_set, floor_set, proxied_set]
+    setup = {
+        **cluster.setup,
+        "concurrency": list(args.concurrency),
+        "floor": {"port": floor.port, "server": "bench/floor_proxy.py", "r": 2, "w": 2},
+    }
+    profiled = profiled_runs(targets, [floor, cluster.proxy], args.concurrency)
+    return Plan(targets, floor_ratios(args.concurrency), setup, profiled)
 
 
 # -- ceiling mode ------------------------------------------------------------------
@@ -479,12 +553,14 @@ def storage_details(targets: Sequence[Target]) -> dict[str, dict[str, Any]]:
 MODES = {
     "proxy": proxy_mode,
     "latency": latency_mode,
+    "floor": floor_mode,
     "ceiling": ceiling_mode,
     "storage": storage_mode,
     "replication": replication_mode,
 }
 QUORUM_MODES = ("proxy", "latency")  # where --replicas, --r and --w are the user's
-STORAGE_MODES = ("proxy", "latency", "replication")  # where --storage applies
+STORAGE_MODES = ("proxy", "latency", "floor", "replication")  # where --storage applies
+CONCURRENCY_MODES = ("latency", "floor")  # runs at each --concurrency, not --connections
 NODES_MODES = ("proxy", "latency", "replication")  # where --nodes applies
 
 
@@ -500,6 +576,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=list(MODES),
         help="proxy (default): GET and SET, straight at a node vs through the proxy; "
         "latency: the same at each --concurrency, with p50/p99 and issue 10's targets; "
+        "floor: latency mode beside bench/floor_proxy.py, the least an R=W=2 proxy costs; "
         "ceiling: a node's GET vs a bare twisted.web server answering from a dict; "
         "storage: PUT throughput of one node per storage engine; "
         "replication: GET and SET through an N=1 proxy vs an N=3 (R=2, W=2) proxy",
@@ -516,8 +593,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--concurrency",
         default=None,
-        help="latency mode: the wrk connection counts measured in each round, in order "
-        f"({','.join(map(str, DEFAULT_CONCURRENCY))})",
+        help="latency and floor modes: the wrk connection counts measured in each round, "
+        f"in order ({','.join(map(str, DEFAULT_CONCURRENCY))}; floor "
+        f"{','.join(map(str, DEFAULT_FLOOR_CONCURRENCY))})",
     )
     p.add_argument("--threads", type=int, default=1, help="wrk threads (1: leaves a core free)")
     p.add_argument(
@@ -580,16 +658,19 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fill the defaults that depend on the mode, and refuse options the mode does
     not use (an option silently ignored would make a result mean something else)."""
     mode = args.mode
-    if mode == "latency":
+    if mode in CONCURRENCY_MODES:
         if args.connections is not None:
-            p.error("latency mode takes --concurrency (e.g. 1,32,128), not --connections")
+            p.error(f"{mode} mode takes --concurrency (e.g. 1,32,128), not --connections")
+        default = DEFAULT_CONCURRENCY if mode == "latency" else DEFAULT_FLOOR_CONCURRENCY
         try:
-            args.concurrency = parse_concurrency(args.concurrency or "1,32,128")
+            args.concurrency = parse_concurrency(args.concurrency or ",".join(map(str, default)))
         except ValueError as e:
             p.error(f"--concurrency: {e}")
     else:
         if args.concurrency is not None:
-            p.error(f"--concurrency is for latency mode; {mode} mode takes --connections")
+            p.error(
+                f"--concurrency is for latency and floor modes; {mode} mode takes --connections"
+            )
         if args.connections is None:
             args.connections = 64 if mode == "storage" else 32
         args.concurrency = [args.connections]

@@ -1,4 +1,4 @@
-"""bench/run.py: argument checks, the latency and ceiling modes' ratios and targets."""
+"""bench/run.py: argument checks, the latency, floor and ceiling modes' ratios and targets."""
 
 import pytest
 from cluster import parse_engine, parse_engines, storage_args
@@ -7,6 +7,7 @@ from run import (
     LATENCY_GOALS,
     answer_difference,
     ceiling_ratios,
+    floor_ratios,
     latency_ratios,
     parse_args,
     parse_concurrency,
@@ -71,6 +72,27 @@ def test_latency_targets_stay_listed_when_their_concurrency_is_not_run() -> None
         "GET ops/s proxied/direct c=32",
         "SET ops/s proxied/direct c=32",
     }
+
+
+def test_floor_ratios_judge_floor_and_proxy_by_the_same_targets() -> None:
+    ratios = {r.name: r for r in floor_ratios([1, 32])}
+    assert len(ratios) == 24  # 3 ratios for GET and SET, p50 and ops/s, at 2 concurrencies
+    for op, metric, c in LATENCY_GOALS:
+        goal = LATENCY_GOALS[(op, metric, c)]
+        floor = ratios[f"{op} {metric} floor/direct c={c}"]
+        assert (floor.numerator, floor.denominator) == ((op, f"floor c={c}"), (op, f"direct c={c}"))
+        assert floor.goal == ratios[f"{op} {metric} proxied/direct c={c}"].goal == goal
+        assert ratios[f"{op} {metric} proxied/floor c={c}"].goal is None
+    assert sum(r.goal is not None for r in ratios.values()) == 2 * len(LATENCY_GOALS)
+
+
+def test_floor_mode_runs_at_1_and_32_and_keeps_the_proxys_defaults() -> None:
+    assert parse_args(["floor"]).concurrency == [1, 32]
+    assert parse_args(["floor", "--concurrency", "1,8"]).concurrency == [1, 8]
+    assert parse_args(["floor", "--storage", "lmdb:always"]).storage == "lmdb:always"
+    for argv in (["floor", "--connections", "8"], ["floor", "--r", "1"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
 
 
 def test_the_profiled_concurrency_is_32_or_the_nearest() -> None:
