@@ -35,7 +35,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from shardkv.client.api import quote_key
 from shardkv.client.blocking import BlockingClient
+from shardkv.client.blocking import request as send
 from shardkv.core.versions import MAX_COUNTER, MAX_FUTURE_MS
 from shardkv.replica.codec import MAX_OPS
 from shardkv.testing.processes import Proc, ProcessSet
@@ -596,6 +598,10 @@ def assert_usable(cluster: Cluster, keys: list[str]) -> None:
     token guards them). A proxy write that read the other two then loses to
     it, as any write that raced a newer one does; the read after it repairs
     the replicas, so within a few rounds the proxy's own write must win.
+    That read asks all three replicas (``?r=3``): a default read asks the
+    first R and, one time in ten at random, all N (the coordinator's
+    ``READ_ALL_FRACTION``), so it could miss the one replica that holds the
+    newer version until a later read, after the delete, met it.
     Poisoned, a key would instead answer 5xx or never take a write.
     """
     with BlockingClient(cluster.proxy.url) as kv:
@@ -603,7 +609,7 @@ def assert_usable(cluster: Cluster, keys: list[str]) -> None:
             for round_ in range(ROUNDS):
                 value = b"after-%d" % round_
                 kv.put(key, value, content_type="text/plain").expect(200, 201)
-                got = kv.read(key).expect(200)
+                got = send("GET", f"{cluster.proxy.url}/kv/{quote_key(key)}?r=3").expect(200)
                 if (got.body, got.header("content-type")) == (value, "text/plain"):
                     break
             else:
