@@ -10,13 +10,10 @@ L{tests.proxy.test_rebalancer}.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any, cast
 
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
@@ -24,36 +21,13 @@ from shardkv.core.membership import next_phase, stage
 from shardkv.errors import MapUnavailable
 from shardkv.proxy.app import ProxyApp
 from shardkv.web.auth import Guard
-from tests.helpers import HTTP
+from tests.helpers import HTTP, flusher
 from tests.proxy.admin_fakes import NEW, NODES, FakeNodes, MapStore, Proxy, first_map, plan_answers
 from tests.web.test_auth import FromPeer
 
 BASE = "http://127.0.0.1:8080"
 TOKEN = "cluster-token-0123456789abcdef"
 ADD = json.dumps({"add": [{"address": NEW, "weight": 1}]}).encode()
-
-
-def turning(clock: MemoryReactorClock, stub: StubTreq) -> Callable[[Deferred[Any]], None]:
-    """Flush ``stub``, and run the reactor turns that are due (a plan builds its
-    rings a step per turn), until the request's Deferred has a result."""
-
-    def pump(d: Deferred[Any]) -> None:
-        done: list[bool] = []
-
-        def seen(result: object) -> object:
-            done.append(True)
-            return result
-
-        d.addBoth(seen)
-        idle = 0
-        while not done and idle < 50:
-            stub.flush()
-            if any(c.getTime() <= clock.seconds() for c in clock.calls):
-                clock.advance(0)
-            else:
-                idle += 1
-
-    return pump
 
 
 class AdminCase(SynchronousTestCase):
@@ -83,7 +57,7 @@ class AdminCase(SynchronousTestCase):
         if peer is not None:
             resource = FromPeer(resource, peer)
         stub = StubTreq(resource)
-        return HTTP(self, stub, BASE, turning(proxy.clock, stub))
+        return HTTP(self, stub, BASE, flusher(stub, clock=proxy.clock))
 
 
 class RouteTests(AdminCase):
