@@ -112,6 +112,14 @@ class RoutedKlein(Klein):
         return RouterResource(self)
 
 
+def _rooted(segments: list[bytes]) -> bytes:
+    """Path segments joined with one leading slash, or b"" for none."""
+    if not segments:
+        return b""
+    joined = b"/".join(segments)
+    return joined if joined[:1] == b"/" else b"/" + joined
+
+
 class RouterResource(KleinResource):
     """A C{KleinResource} that reuses its bound ``MapAdapter`` and answers
     synchronous bytes at once, with ``Content-Length`` (see the module's docstring)."""
@@ -130,18 +138,9 @@ class RouterResource(KleinResource):
 
     def render(self, request: Any) -> Any:
         # The path and script name as Klein's extractURLparts makes them.
-        postpath = request.postpath
-        path_info = b""
-        if postpath:
-            path_info = b"/".join(postpath)
-            if path_info[:1] != b"/":
-                path_info = b"/" + path_info
-        prepath = request.prepath
-        script_name = b""
-        if prepath:
-            script_name = b"/".join(prepath)
-            if script_name[:1] != b"/":
-                script_name = b"/" + script_name
+        postpath, prepath = request.postpath, request.prepath
+        path_info = _rooted(postpath)
+        script_name = _rooted(prepath)
         # Everything the server name and scheme are made of: the adapter for them.
         local = request.getHost()
         hosts = request.requestHeaders.getRawHeaders(b"host")
