@@ -334,6 +334,7 @@ def proxied_cluster(args: argparse.Namespace, procs: Processes) -> ProxiedCluste
 
 BARE_SERVER = BENCH_DIR / "bare_server.py"
 FLOOR_PROXY = BENCH_DIR / "floor_proxy.py"
+STACK_FLOOR = BENCH_DIR / "stack_floor.py"
 
 
 def start_script(procs: Processes, name: str, script: Path, args: list[str], probe: str) -> Proc:
@@ -374,7 +375,14 @@ def start_bare(procs: Processes, data: dict[str, str], name: str = "bare") -> Pr
     return start_script(procs, name, BARE_SERVER, [str(data_path)], probe)
 
 
-def start_floor(procs: Processes, nodes: Sequence[Proc], key: str, name: str = "floor") -> Proc:
-    """``bench/floor_proxy.py`` over ``nodes``, ready once it answers ``key``."""
+def start_floor(
+    procs: Processes,
+    nodes: Sequence[Proc],
+    key: str,
+    name: str = "floor",
+    script: Path = FLOOR_PROXY,
+) -> Proc:
+    """``script`` (``bench/floor_proxy.py``, or L{STACK_FLOOR}) over ``nodes``, ready
+    once it answers ``key``."""
     ports = [str(n.port) for n in nodes]
-    return start_script(procs, name, FLOOR_PROXY, ports, "/get?key=" + quote(key, safe=""))
+    return start_script(procs, name, script, ports, "/get?key=" + quote(key, safe=""))

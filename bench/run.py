@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import (
+    STACK_FLOOR,
     Processes,
     api,
     check_get,
@@ -270,52 +271,64 @@ DEFAULT_FLOOR_CONCURRENCY = (1, 32)
 
 
 def floor_ratios(concurrency: Sequence[int]) -> list[Ratio]:
-    """At every concurrency, GET and SET: the floor proxy against the direct node
-    (with issue 10's targets, which the floor must meet for any proxy on this
-    stack to meet them), the shardkv proxy against the direct node, and the
-    shardkv proxy against the floor, for p50 (times slower) and ops/s."""
+    """At every concurrency, GET and SET, for p50 (times slower) and ops/s: the
+    floor, the stack floor and the shardkv proxy each against the direct node (with
+    issue 10's targets: what a floor misses, no proxy built like it meets here);
+    the stack floor against the floor (what Klein and treq cost); and the shardkv
+    proxy against the stack floor (what it costs beyond them)."""
     ratios = []
     for c in concurrency:
         suffix = f" c={c}"
         for metric in ("p50", "ops/s"):
             for op in ("GET", "SET"):
                 direct, floor = (op, "direct" + suffix), (op, "floor" + suffix)
-                proxied = (op, "proxied" + suffix)
+                stack, proxied = (op, "stack" + suffix), (op, "proxied" + suffix)
                 goal = LATENCY_GOALS.get((op, metric, c))
                 ratios += [
                     Ratio(f"{op} {metric} floor/direct{suffix}", floor, direct, metric, goal),
+                    Ratio(f"{op} {metric} stack/direct{suffix}", stack, direct, metric, goal),
                     Ratio(f"{op} {metric} proxied/direct{suffix}", proxied, direct, metric, goal),
-                    Ratio(f"{op} {metric} proxied/floor{suffix}", proxied, floor, metric),
+                    Ratio(f"{op} {metric} stack/floor{suffix}", stack, floor, metric),
+                    Ratio(f"{op} {metric} proxied/stack{suffix}", proxied, stack, metric),
                 ]
     return ratios
 
 
 def floor_mode(args: argparse.Namespace, procs: Processes) -> Plan:
-    """Latency mode's cluster plus ``bench/floor_proxy.py`` over two of its nodes: at
-    each ``--concurrency``, direct, floor and proxied GET, then the same for SET,
-    back to back, so each ratio compares runs made under the same load."""
+    """Latency mode's cluster plus ``bench/floor_proxy.py`` and ``bench/stack_floor.py``
+    over two of its nodes: at each ``--concurrency``, direct, floor, stack floor and
+    proxied GET, then the same for SET, back to back, so each ratio compares runs
+    made under the same load."""
     cluster = proxied_cluster(args, procs)
     floor = start_floor(procs, cluster.nodes[:2], "k0")
+    stack = start_floor(procs, cluster.nodes[:2], "k0", "stack", STACK_FLOOR)
     print(
-        f"floor proxy on {floor.port}, forwarding to {cluster.nodes[0].name} and "
-        f"{cluster.nodes[1].name}"
+        f"floor proxy on {floor.port} and stack floor on {stack.port}, forwarding to "
+        f"{cluster.nodes[0].name} and {cluster.nodes[1].name}"
     )
     targets: list[Target] = []
+    watch = {floor.name: [floor, *cluster.nodes[:2]], stack.name: [stack, *cluster.nodes[:2]]}
     for c in args.concurrency:
         suffix = f" c={c}"
         direct_get, proxied_get, direct_set, proxied_set = cluster.targets(
             c, args.keyspace, args.value_bytes, suffix=suffix
         )
-        watch = [floor, *cluster.nodes[:2]]
-        floor_get = replace(proxied_get, target="floor" + suffix, server=floor, watch=watch)
-        floor_set = replace(proxied_set, target="floor" + suffix, server=floor, watch=watch)
-        targets += [direct_get, floor_get, proxied_get, direct_set, floor_set, proxied_set]
+        for direct, proxied in ((direct_get, proxied_get), (direct_set, proxied_set)):
+            floors = [
+                replace(
+                    proxied, target=server.name + suffix, server=server, watch=watch[server.name]
+                )
+                for server in (floor, stack)
+            ]
+            targets += [direct, *floors, proxied]
+    floors_setup = {"r": 2, "w": 2, "nodes": [n.name for n in cluster.nodes[:2]]}
     setup = {
         **cluster.setup,
         "concurrency": list(args.concurrency),
-        "floor": {"port": floor.port, "server": "bench/floor_proxy.py", "r": 2, "w": 2},
+        "floor": {"port": floor.port, "server": "bench/floor_proxy.py", **floors_setup},
+        "stack": {"port": stack.port, "server": "bench/stack_floor.py", **floors_setup},
     }
-    profiled = profiled_runs(targets, [floor, cluster.proxy], args.concurrency)
+    profiled = profiled_runs(targets, [floor, stack, cluster.proxy], args.concurrency)
     return Plan(targets, floor_ratios(args.concurrency), setup, profiled)
 
 

@@ -245,10 +245,11 @@ class HTTPClientService(Service):
         self.http = HTTPClient(agent, cookiejar=self._jar, data_to_body_producer=body_producer)
         super().startService()
 
-    def request(self, method: str, url: bytes, **kwargs: Any) -> Deferred[Any]:
+    def request(self, method: str, url: bytes | EncodedURL, **kwargs: Any) -> Deferred[Any]:
         """treq's C{request}, on this service's connections, with the token if there is one.
 
-        ``url`` is prepared once per URL (L{PreparedURLs}); a host that no
+        ``url`` as bytes is prepared once per URL (L{PreparedURLs}); a hyperlink
+        URL (a L{PreparedURL} the caller keeps) is sent as it is. A host that no
         URL can name raises L{ValueError} here, as treq would. Cookies are
         refused (L{TypeError}): the cluster's calls carry none (L{NoCookies}).
         """

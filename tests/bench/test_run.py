@@ -74,16 +74,26 @@ def test_latency_targets_stay_listed_when_their_concurrency_is_not_run() -> None
     }
 
 
-def test_floor_ratios_judge_floor_and_proxy_by_the_same_targets() -> None:
+def test_floor_ratios_judge_both_floors_and_the_proxy_by_the_same_targets() -> None:
     ratios = {r.name: r for r in floor_ratios([1, 32])}
-    assert len(ratios) == 24  # 3 ratios for GET and SET, p50 and ops/s, at 2 concurrencies
+    assert len(ratios) == 40  # 5 ratios for GET and SET, p50 and ops/s, at 2 concurrencies
     for op, metric, c in LATENCY_GOALS:
         goal = LATENCY_GOALS[(op, metric, c)]
-        floor = ratios[f"{op} {metric} floor/direct c={c}"]
-        assert (floor.numerator, floor.denominator) == ((op, f"floor c={c}"), (op, f"direct c={c}"))
-        assert floor.goal == ratios[f"{op} {metric} proxied/direct c={c}"].goal == goal
-        assert ratios[f"{op} {metric} proxied/floor c={c}"].goal is None
-    assert sum(r.goal is not None for r in ratios.values()) == 2 * len(LATENCY_GOALS)
+        for name in ("floor", "stack", "proxied"):
+            judged = ratios[f"{op} {metric} {name}/direct c={c}"]
+            assert (judged.numerator, judged.denominator) == (
+                (op, f"{name} c={c}"),
+                (op, f"direct c={c}"),
+            )
+            assert judged.goal == goal
+        stack_floor = ratios[f"{op} {metric} stack/floor c={c}"]
+        assert (stack_floor.numerator, stack_floor.denominator) == (
+            (op, f"stack c={c}"),
+            (op, f"floor c={c}"),
+        )
+        assert stack_floor.goal is None
+        assert ratios[f"{op} {metric} proxied/stack c={c}"].goal is None
+    assert sum(r.goal is not None for r in ratios.values()) == 3 * len(LATENCY_GOALS)
 
 
 def test_floor_mode_runs_at_1_and_32_and_keeps_the_proxys_defaults() -> None:

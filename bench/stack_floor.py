@@ -1,0 +1,106 @@
+"""The floor on the user's stack: bench/floor_proxy.py's work, routed by Klein, forwarded by treq.
+
+    python bench/stack_floor.py PORT NODE_PORT NODE_PORT
+
+Issue 10 fixes two pieces of any proxy it judges: Klein serves the routes and
+treq makes the forwarding calls. This proxy does what ``bench/floor_proxy.py``
+does, and nothing more (the same ``GET /get?key=K`` or ``POST /set`` to both
+nodes, the first reply once both replied; a failed call answers 502), with
+exactly those two pieces, each in the cheapest form shardkv has:
+
+- the routes are declared on L{shardkv.web.router.RoutedKlein}, Klein's own
+  matching with the per-request work the shardkv servers cut;
+- each call goes through L{shardkv.web.httpclient.HTTPClientService}: treq's
+  C{HTTPClient} over the lean persistent agent, with no cookies, with the
+  options the replica client uses (no redirects, unbuffered), and with each
+  URL prepared once (kept here without a bound: the benchmark's keys are few).
+
+It is served by a plain twisted.web Site, as the floor is. So ``bench/run.py
+floor`` measures, beside a direct node, the least any proxy costs that sends
+two replica requests through Klein and treq on this machine, before placement,
+versions, quorum rules, timeouts, health, limits or metrics; and the
+difference from the floor is what Klein and treq themselves cost.
+"""
+
+import sys
+from typing import Any
+
+import treq
+from floor_proxy import QuietSite
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from shardkv.web.httpclient import HTTPClientService, PreparedURL
+from shardkv.web.router import RoutedKlein
+
+the_reactor: Any = reactor
+JSON = {b"Content-Type": [b"application/json"]}
+
+
+class StackForward:
+    """Sends a client's request as it is to every node through treq."""
+
+    def __init__(self, http: HTTPClientService, ports: list[int]) -> None:
+        self.http = http
+        self.bases = [b"http://127.0.0.1:%d" % port for port in ports]
+        self.urls: dict[bytes, PreparedURL] = {}
+
+    def url(self, raw: bytes) -> PreparedURL:
+        prepared = self.urls.get(raw)
+        if prepared is None:
+            prepared = self.urls[raw] = PreparedURL.prepare(raw)
+        return prepared
+
+    def forward(self, request: Any, body: bytes | None) -> Deferred[bytes]:
+        done: Deferred[bytes] = Deferred()
+        replies: list[tuple[int, bytes]] = []
+
+        def one(content: bytes, code: int) -> None:
+            replies.append((code, content))
+            if len(replies) == len(self.bases):
+                first_code, first_content = replies[0]
+                request.setResponseCode(first_code)
+                request.setHeader(b"content-type", b"application/json")
+                done.callback(first_content)
+
+        def read(response: Any) -> Deferred[None]:
+            return treq.content(response).addCallback(one, response.code)
+
+        def failed(_: Failure) -> None:
+            one(b"", 502)
+
+        method = request.method.decode("ascii")
+        for base in self.bases:
+            d = self.http.request(
+                method,
+                self.url(base + request.uri),
+                data=body,
+                headers=None if body is None else JSON,
+                allow_redirects=False,
+                unbuffered=True,
+            )
+            d.addCallback(read).addErrback(failed)
+        return done
+
+
+def make_app(forward: StackForward) -> RoutedKlein:
+    app = RoutedKlein()
+
+    @app.route("/get", methods=["GET"])
+    def get(request: Any) -> Deferred[bytes]:
+        return forward.forward(request, None)
+
+    @app.route("/set", methods=["POST"])
+    def set_(request: Any) -> Deferred[bytes]:
+        return forward.forward(request, request.content.read())
+
+    return app
+
+
+if __name__ == "__main__":
+    http = HTTPClientService(the_reactor)
+    http.startService()
+    app = make_app(StackForward(http, [int(p) for p in sys.argv[2:]]))
+    the_reactor.listenTCP(int(sys.argv[1]), QuietSite(app.resource()), interface="127.0.0.1")
+    the_reactor.run()
