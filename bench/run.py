@@ -24,14 +24,17 @@ Latency mode is proxy mode's cluster and runs at each ``--concurrency`` (1,
 (target <= 4, GET and SET) and proxied/direct ops/s at c=32 (GET >= 0.5, SET
 >= 0.35), each the median of its per-round values, with a PASS/MISS line.
 
-Floor mode is latency mode (at c=1 and 32 by default) with a third target
-beside direct and proxied: ``bench/floor_proxy.py``, a leaf twisted.web
-Resource sending each GET or SET as it is to two of the nodes over kept-alive
-connections and answering once both replied, with no placement, versions,
-quorum rules, timeouts or errors. What it costs is the least two replica
-requests cost on this stack and machine, so floor/direct says how far any
-proxy here can get towards issue 10's targets, and proxied/floor how far the
-shardkv proxy is from that floor.
+Floor mode is latency mode (at c=1 and 32 by default) with two more targets
+beside direct and proxied, both forwarding to the same two nodes. The floor,
+``bench/floor_proxy.py``, is a leaf twisted.web Resource sending each GET or
+SET as it is to both nodes over kept-alive connections with a hand-written
+client and answering once both replied, with no placement, versions, quorum
+rules, timeouts or errors. The stack floor, ``bench/stack_floor.py``, does
+the same through Klein's routes and treq's calls, the stack issue 10 fixes.
+What they cost is the least two replica requests cost on this machine, and
+on that stack; so floor/direct and stack/direct say how far any proxy here
+can get towards issue 10's targets, stack/floor what Klein and treq cost,
+and proxied/stack how far the shardkv proxy is from its own stack's floor.
 
 Ceiling mode starts one memory node and ``bench/bare_server.py`` (a leaf
 twisted.web Resource answering ``GET /get?key=`` from a dict), both holding
@@ -589,7 +592,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=list(MODES),
         help="proxy (default): GET and SET, straight at a node vs through the proxy; "
         "latency: the same at each --concurrency, with p50/p99 and issue 10's targets; "
-        "floor: latency mode beside bench/floor_proxy.py, the least an R=W=2 proxy costs; "
+        "floor: latency mode beside the least an R=W=2 proxy costs, by hand and on Klein and treq; "
         "ceiling: a node's GET vs a bare twisted.web server answering from a dict; "
         "storage: PUT throughput of one node per storage engine; "
         "replication: GET and SET through an N=1 proxy vs an N=3 (R=2, W=2) proxy",
