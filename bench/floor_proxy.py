@@ -92,6 +92,19 @@ class NodePool(ClientFactory):
             the_reactor.connectTCP("127.0.0.1", self.port, self)
 
 
+def first_of(count: int, answer: Reply) -> Reply:
+    """The reply to give each of ``count`` nodes: ``answer`` gets the first to
+    arrive, once all ``count`` have."""
+    replies: list[tuple[int, bytes]] = []
+
+    def one(status: int, data: bytes) -> None:
+        replies.append((status, data))
+        if len(replies) == count:
+            answer(*replies[0])
+
+    return one
+
+
 class Forward(Resource):
     isLeaf = True
 
@@ -110,18 +123,15 @@ class Forward(Resource):
             + str(len(body)).encode()
             + b"\r\n\r\n"
         )
-        replies: list[tuple[int, bytes]] = []
 
-        def one(status: int, data: bytes) -> None:
-            replies.append((status, data))
-            if len(replies) == len(self.pools):
-                status, data = replies[0]
-                request.setResponseCode(status)
-                request.setHeader(b"content-type", b"application/json")
-                request.setHeader(b"content-length", b"%d" % len(data))
-                request.write(data)
-                request.finish()
+        def answer(status: int, data: bytes) -> None:
+            request.setResponseCode(status)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", b"%d" % len(data))
+            request.write(data)
+            request.finish()
 
+        one = first_of(len(self.pools), answer)
         for pool in self.pools:
             pool.request(head, body, one)
         return NOT_DONE_YET

@@ -26,7 +26,7 @@ import sys
 from typing import Any
 
 import treq
-from floor_proxy import QuietSite
+from floor_proxy import QuietSite, first_of
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -54,21 +54,19 @@ class StackForward:
 
     def forward(self, request: Any, body: bytes | None) -> Deferred[bytes]:
         done: Deferred[bytes] = Deferred()
-        replies: list[tuple[int, bytes]] = []
 
-        def one(content: bytes, code: int) -> None:
-            replies.append((code, content))
-            if len(replies) == len(self.bases):
-                first_code, first_content = replies[0]
-                request.setResponseCode(first_code)
-                request.setHeader(b"content-type", b"application/json")
-                done.callback(first_content)
+        def answer(status: int, data: bytes) -> None:
+            request.setResponseCode(status)
+            request.setHeader(b"content-type", b"application/json")
+            done.callback(data)
+
+        one = first_of(len(self.bases), answer)
 
         def read(response: Any) -> Deferred[None]:
-            return treq.content(response).addCallback(one, response.code)
+            return treq.content(response).addCallback(lambda data: one(response.code, data))
 
         def failed(_: Failure) -> None:
-            one(b"", 502)
+            one(502, b"")
 
         method = request.method.decode("ascii")
         for base in self.bases:
