@@ -97,14 +97,16 @@ def start_nodes(
     count: int,
     storage: Storage = ("memory", None),
     data_dir: Path | None = None,
+    first: int = 1,
 ) -> list[Proc]:
     """``count`` nodes on free ports with the same storage, started together, then
-    waited for. LMDB nodes keep their data in ``data_dir``/<name>."""
+    waited for, named ``node<first>`` and on. LMDB nodes keep their data in
+    ``data_dir``/<name>."""
     if storage[0] != "memory" and data_dir is None:
         raise BenchError(f"{storage_name(storage)} nodes need a data directory")
     nodes = []
-    for i in range(count):
-        name = f"node{i + 1}"
+    for i in range(first, first + count):
+        name = f"node{i}"
         node_dir = None if storage[0] == "memory" or data_dir is None else data_dir / name
         nodes.append(
             procs.start_node(None, node_dir, *storage_args(storage), name=name, wait=False)
@@ -117,7 +119,9 @@ def start_nodes(
 def start_proxy(
     procs: Processes, name: str, nodes: Sequence[Proc], options: dict[str, int | None]
 ) -> Proc:
-    """A proxy over ``nodes``, ready once it counts every node as up.
+    """A proxy over ``nodes``, ready once it counts every node as up and serves the
+    cluster map the nodes chose (not its provisional one: only that map's N, R and
+    W are the ones it keeps).
 
     ``options`` maps proxy options (pool_size, replicas, r, w) to values;
     None leaves the proxy's own default.
@@ -127,13 +131,17 @@ def start_proxy(
         if value is not None:
             extra += [f"--{option.replace('_', '-')}", str(value)]
     proxy = procs.start_proxy(None, nodes, *extra, name=name, deadline=STARTUP_SECONDS)
-
-    def all_up(reply: Any) -> bool:
-        health = reply.json()
-        return bool(health.get("nodes_up") == health.get("nodes_total") == len(nodes))
-
-    proxy.wait_healthy(STARTUP_SECONDS, ready=all_up)
+    proxy.wait_healthy(STARTUP_SECONDS, ready=lambda reply: ready_over(reply.json(), len(nodes)))
     return proxy
+
+
+def ready_over(health: Any, count: int) -> bool:
+    """Does a proxy's ``/health`` say it counts all ``count`` nodes up and serves the
+    map they chose (``map.provisional`` false)?"""
+    if not isinstance(health, dict):
+        return False
+    chosen = isinstance(health.get("map"), dict) and health["map"].get("provisional") is False
+    return chosen and health.get("nodes_up") == health.get("nodes_total") == count
 
 
 def quorum_levels(proxy: Proc) -> dict[str, int | None]:

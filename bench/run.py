@@ -45,10 +45,11 @@ Storage mode starts one node per engine (``memory`` first, as the baseline,
 then ``lmdb:always`` by default) and measures PUT /kv/<random key> with a
 ~100-byte body, interleaved per round, with the ratio durable/memory.
 
-Replication mode starts three memory nodes and two proxies over them, one
-with ``--replicas 1 --r 1 --w 1`` and one with ``--replicas 3 --r 2 --w 2``.
-Each proxy preloads its own keys (``n1k*``, ``n3k*``) and SETs its own key
-range (``n1w*``, ``n3w*``), so neither reads the other's writes. Each round
+Replication mode starts two proxies, one with ``--replicas 1 --r 1 --w 1``
+and one with ``--replicas 3 --r 2 --w 2``, each over its own three memory
+nodes (the nodes hold the cluster map, N, R and W included). Each proxy
+preloads its own keys (``n1k*``, ``n3k*``) and SETs its own key range
+(``n1w*``, ``n3w*``), so neither reads the other's writes. Each round
 runs N=1 GET, N=3 GET, N=1 SET, N=3 SET (same Lua scripts as proxy mode),
 with the ratios N=3/N=1 for GET and SET: what the two extra copies cost.
 
@@ -428,31 +429,33 @@ REPLICATION_LEVELS: dict[str, dict[str, int]] = {
 
 
 def replication_mode(args: argparse.Namespace, procs: Processes) -> Plan:
-    """Two proxies over the same three nodes, N=1 and N=3 (R=2, W=2), same load.
+    """Two proxies, N=1 and N=3 (R=2, W=2), each over its own ``--nodes`` nodes, same load.
 
-    Each proxy gets its own keys for GET (``n1k*``, ``n3k*``) and for SET
-    (``n1w*``, ``n3w*``), so neither reads what the other wrote: with shared
-    keys the N=1 proxy's writes (to one replica) would leave the other two
-    stale and the N=3 proxy would spend its runs on read repair.
+    Their own nodes, because the nodes hold the cluster map and its N, R and W
+    (``--replicas``, ``--r`` and ``--w`` only shape a blank cluster's first map):
+    two proxies over the same nodes would serve one map. Each proxy also gets its
+    own keys for GET (``n1k*``, ``n3k*``) and for SET (``n1w*``, ``n3w*``).
     """
     storage = parse_engine(args.storage)
     data_dir = data_root(procs, args.data_dir)[0] if storage[0] != "memory" else None
-    nodes = start_nodes(procs, args.nodes, storage, data_dir)
+    nodes: dict[str, list[Proc]] = {}
     proxies: dict[str, Proc] = {}
     levels: dict[str, dict[str, int | None]] = {}
-    for label, wanted in REPLICATION_LEVELS.items():
+    for i, (label, wanted) in enumerate(REPLICATION_LEVELS.items()):
         name = "proxy" + label.replace("=", "")  # proxyN1, proxyN3
-        proxies[label] = start_proxy(procs, name, nodes, {"pool_size": args.pool_size, **wanted})
+        own = start_nodes(procs, args.nodes, storage, data_dir, first=1 + i * args.nodes)
+        nodes[label] = own
+        proxies[label] = start_proxy(procs, name, own, {"pool_size": args.pool_size, **wanted})
         levels[label] = quorum_levels(proxies[label])
         got = {k: v for k, v in levels[label].items() if v is not None}
         if got and got != wanted:
             raise BenchError(f"{name} reports {fmt_levels(levels[label])}, not {wanted}")
-    print(
-        f"cluster: {storage_name(storage)} nodes on {', '.join(str(n.port) for n in nodes)}; "
-        + ", ".join(
-            f"{p.name} on {p.port} ({fmt_levels(levels[label])})" for label, p in proxies.items()
+    for label, p in proxies.items():
+        print(
+            f"cluster {label}: {storage_name(storage)} nodes on "
+            f"{', '.join(str(n.port) for n in nodes[label])}; "
+            f"{p.name} on {p.port} ({fmt_levels(levels[label])})"
         )
-    )
     print(f"         logs in {procs.root}")
 
     c = args.connections
@@ -462,8 +465,8 @@ def replication_mode(args: argparse.Namespace, procs: Processes) -> Plan:
     for label, proxy in proxies.items():
         tag = label.replace("=", "").lower()  # n1, n3
         started = time.monotonic()
-        owners = preload(proxy, nodes, args.keys, args.value_bytes, prefix=f"{tag}k")
-        by_address = {f"127.0.0.1:{n.port}": n.name for n in nodes}
+        owners = preload(proxy, nodes[label], args.keys, args.value_bytes, prefix=f"{tag}k")
+        by_address = {f"127.0.0.1:{n.port}": n.name for n in nodes[label]}
         key_counts[label] = {by_address.get(a, a): len(k) for a, k in owners.items()}
         spread = ", ".join(f"{name} {count}" for name, count in key_counts[label].items())
         print(
@@ -476,7 +479,7 @@ def replication_mode(args: argparse.Namespace, procs: Processes) -> Plan:
     for op in ("GET", "SET"):
         for label, proxy in proxies.items():
             tag = label.replace("=", "").lower()
-            watch = [proxy, *nodes]
+            watch = [proxy, *nodes[label]]
             if op == "GET":
                 targets.append(
                     Target("GET", label, proxy, "get.lua", [str(key_files[label])], c, "/", watch)
