@@ -128,22 +128,38 @@ class MapSync:
         chosen = await self.proposer.propose(change, start)
         self.view.install(chosen)
         self.bootstrapped = True
-        self._warn_if_seeds_differ(chosen)
+        self._warn_if_options_differ(chosen)
         return chosen
 
-    def _warn_if_seeds_differ(self, m: ClusterMap) -> None:
+    def _warn_if_options_differ(self, m: ClusterMap) -> None:
+        """Say once, at the first map the nodes chose, which start-up options it
+        overrides: ``--nodes``, ``--replicas``, ``--r`` and ``--w`` only shape a
+        blank cluster's first map, and an operator who passed others must learn
+        that they do nothing."""
         if self._warned:
             return
-        if m.current_weights() == {k: float(v) for k, v in self.seeds.items()}:
-            return
         self._warned = True
-        log.warn(
-            "ignoring --nodes {seeds}: the nodes hold the cluster map (epoch {epoch}) with "
-            "members {members}; change membership through the admin API",
-            seeds=",".join(sorted(self.seeds)),
-            epoch=m.epoch,
-            members=",".join(m.acceptors()),
-        )
+        if m.current_weights() != {k: float(v) for k, v in self.seeds.items()}:
+            log.warn(
+                "ignoring --nodes {seeds}: the nodes hold the cluster map (epoch {epoch}) with "
+                "members {members}; change membership through the admin API",
+                seeds=",".join(sorted(self.seeds)),
+                epoch=m.epoch,
+                members=",".join(m.acceptors()),
+            )
+        sizes = self.sizes
+        if (m.n, m.r, m.w) != tuple(sizes):
+            log.warn(
+                "ignoring --replicas {n} --r {r} --w {w}: the nodes hold the cluster map "
+                "(epoch {epoch}) with N={map_n} R={map_r} W={map_w}, which this proxy serves",
+                n=sizes.n,
+                r=sizes.r,
+                w=sizes.w,
+                epoch=m.epoch,
+                map_n=m.n,
+                map_r=m.r,
+                map_w=m.w,
+            )
 
     # -- polling -------------------------------------------------------------------
 
@@ -217,7 +233,7 @@ class MapSync:
             self.view.receive_json(newest["learned"])
             await self.view.settled()
         if not self.bootstrapped and not self.view.provisional:
-            self._warn_if_seeds_differ(self.view.current)
+            self._warn_if_options_differ(self.view.current)
         self._prewarm(answers)
         await self._push_behind(answers)
         epoch = self.view.epoch

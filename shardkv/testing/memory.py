@@ -330,9 +330,10 @@ class MemoryCluster:
 
     # -- proxies -----------------------------------------------------------------
 
-    def add_proxy(self, writer: str | None = None) -> MemoryProxy:
+    def add_proxy(self, writer: str | None = None, sizes: QuorumSizes | None = None) -> MemoryProxy:
         """Another proxy over the same nodes (seeded with the same ``--nodes``),
-        with its own view and proposer; started if the cluster's services run."""
+        with its own view and proposer; started if the cluster's services run.
+        ``sizes``: its ``--replicas``, ``--r`` and ``--w`` (default: the cluster's)."""
         writer = writer or f"{PROXY_WRITER}-{len(self.proxies) + 1}"
         proxy = MemoryProxy(
             self.network,
@@ -340,7 +341,7 @@ class MemoryCluster:
             self.timeout,
             writer,
             self.seeds,
-            self.sizes,
+            self.sizes if sizes is None else sizes,
             vnodes=self.vnodes,
             ring=self.ring_given,
             pipeline_depth=self.pipeline_depth,

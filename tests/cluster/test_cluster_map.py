@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from shardkv.cluster.proposer import MapProposer
 from shardkv.cluster.view import MapView
@@ -189,6 +191,33 @@ def test_bootstrap_creates_epoch_1_on_every_node() -> None:
     # A second proxy (or a restart) changes nothing: an identity proposal.
     again = c.pump(Deferred.fromCoroutine(c.sync.bootstrap()))
     assert again == m
+
+
+def _warnings(events: Sequence[dict[str, Any]]) -> list[str]:
+    return [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+
+
+def test_a_proxy_started_with_other_replication_options_serves_the_nodes_map_and_says_so() -> None:
+    c = cluster()
+    c.bootstrap()
+    other = c.add_proxy(sizes=QuorumSizes(1, 1, 1))
+    with capturedLogs() as events:
+        chosen = c.pump(Deferred.fromCoroutine(other.sync.bootstrap()))
+        c.pump(Deferred.fromCoroutine(other.sync.bootstrap()))
+    assert (chosen.n, chosen.r, chosen.w) == (3, 2, 2)
+    assert other.view.placement.sizes == SIZES
+    assert _warnings(events) == [
+        "ignoring --replicas 1 --r 1 --w 1: the nodes hold the cluster map (epoch 1) "
+        "with N=3 R=2 W=2, which this proxy serves"
+    ]
+
+
+def test_a_proxy_started_with_the_maps_own_options_warns_of_nothing() -> None:
+    c = cluster()
+    with capturedLogs() as events:
+        c.bootstrap()
+        c.pump(Deferred.fromCoroutine(c.add_proxy().sync.bootstrap()))
+    assert _warnings(events) == []
 
 
 def test_requests_work_before_and_after_bootstrap() -> None:
