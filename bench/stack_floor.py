@@ -13,7 +13,7 @@ exactly those two pieces, each in the cheapest form shardkv has:
 - each call goes through L{shardkv.web.httpclient.HTTPClientService}: treq's
   C{HTTPClient} over the lean persistent agent, with no cookies, with the
   options the replica client uses (no redirects, unbuffered), and with each
-  URL prepared once (kept here without a bound: the benchmark's keys are few).
+  URL prepared once (L{URLS_KEPT}: more than the benchmark's keys).
 
 It is served by a plain twisted.web Site, as the floor is. So ``bench/run.py
 floor`` measures, beside a direct node, the least any proxy costs that sends
@@ -31,11 +31,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from shardkv.web.httpclient import HTTPClientService, PreparedURL
+from shardkv.web.httpclient import HTTPClientService, PreparedURLs
 from shardkv.web.router import RoutedKlein
 
 the_reactor: Any = reactor
 JSON = {b"Content-Type": [b"application/json"]}
+URLS_KEPT = 1 << 20
+"""Prepared URLs kept (one per key and node): more than a benchmark's keys, so the
+cache never empties mid-run as the service's own (1,024 URLs) would."""
 
 
 class StackForward:
@@ -44,13 +47,7 @@ class StackForward:
     def __init__(self, http: HTTPClientService, ports: list[int]) -> None:
         self.http = http
         self.bases = [b"http://127.0.0.1:%d" % port for port in ports]
-        self.urls: dict[bytes, PreparedURL] = {}
-
-    def url(self, raw: bytes) -> PreparedURL:
-        prepared = self.urls.get(raw)
-        if prepared is None:
-            prepared = self.urls[raw] = PreparedURL.prepare(raw)
-        return prepared
+        self.urls = PreparedURLs(size=URLS_KEPT)
 
     def forward(self, request: Any, body: bytes | None) -> Deferred[bytes]:
         done: Deferred[bytes] = Deferred()
@@ -72,7 +69,7 @@ class StackForward:
         for base in self.bases:
             d = self.http.request(
                 method,
-                self.url(base + request.uri),
+                self.urls.get(base + request.uri),
                 data=body,
                 headers=None if body is None else JSON,
                 allow_redirects=False,

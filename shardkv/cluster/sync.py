@@ -147,18 +147,15 @@ class MapSync:
                 epoch=m.epoch,
                 members=",".join(m.acceptors()),
             )
-        sizes = self.sizes
-        if (m.n, m.r, m.w) != tuple(sizes):
+        ours, theirs = tuple(self.sizes), (m.n, m.r, m.w)
+        if ours != theirs:
             log.warn(
-                "ignoring --replicas {n} --r {r} --w {w}: the nodes hold the cluster map "
-                "(epoch {epoch}) with N={map_n} R={map_r} W={map_w}, which this proxy serves",
-                n=sizes.n,
-                r=sizes.r,
-                w=sizes.w,
+                "ignoring --replicas {ours[0]} --r {ours[1]} --w {ours[2]}: the nodes hold the "
+                "cluster map (epoch {epoch}) with N={theirs[0]} R={theirs[1]} W={theirs[2]}, "
+                "which this proxy serves",
+                ours=ours,
+                theirs=theirs,
                 epoch=m.epoch,
-                map_n=m.n,
-                map_r=m.r,
-                map_w=m.w,
             )
 
     # -- polling -------------------------------------------------------------------
