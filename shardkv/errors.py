@@ -164,6 +164,12 @@ class BadReplicaAnswer(ReplicaCallFailed):
     code = "bad_gateway"
 
 
+class ClientStopped(RuntimeError):
+    """A call was made on an HTTP client whose service has stopped (the process
+    is shutting down): nothing was sent. The replica client reports it as an
+    unreachable node, so that work still running at shutdown ends quietly."""
+
+
 # -- storage ---------------------------------------------------------------------
 
 

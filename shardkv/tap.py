@@ -21,7 +21,7 @@ from twisted.application.service import IService, IServiceCollection, MultiServi
 from twisted.logger import Logger
 from twisted.python import usage
 
-from shardkv.heap import freeze_startup_heap
+from shardkv.heap import freeze_startup_heap, garbage_collector
 from shardkv.logs import set_level, use_with_twistd
 from shardkv.node.service import make_node_service
 from shardkv.options import ClusterOptions, NodeOptions, ProxyOptions
@@ -135,6 +135,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     service = _service(config.subCommand, sub, reactor)
     reactor.callWhenRunning(freeze_startup_heap)
     if IServiceCollection.providedBy(service):
+        garbage_collector(reactor).setServiceParent(service)
         add_reload_service(sub, service, reactor)
     return service
 

@@ -23,11 +23,15 @@ When a quorum cannot be had it raises:
 - L{QuorumTimeout}: the quorum was still possible but replicas did not
   answer in time; for a write the outcome is unknown, never a failure;
 - L{Overloaded}: the quorum failed only because replicas were busy (each had
-  its cap of bytes in flight, L{NodeBusy}), so nothing was sent anywhere and
-  a retry shortly after may succeed. A write checks every target for room
-  before it sends anything: if fewer than W have room it is refused whole,
-  rather than sent to one replica and then reported as "unknown". An
-  outcome that may have been applied is never "overloaded".
+  its window of bytes in flight full, L{NodeBusy}), so nothing was sent
+  anywhere and a retry shortly after may succeed. A write checks every
+  target for room before it sends anything. If fewer than W have room in
+  their windows (L{shardkv.core.window}: a node that answers slowly gets a
+  smaller one) but W would under their caps, it waits for room, oldest
+  first, for at most three quarters of the timeout (L{ROOM_WAIT_FRACTION}).
+  If W cannot have room, or the wait ends, it is refused whole, rather than
+  sent to one replica and then reported as "unknown". An outcome that may
+  have been applied is never "overloaded".
 
 Replicas that missed a write are the business of L{shardkv.proxy.hints}.
 
@@ -77,6 +81,7 @@ from shardkv.core.quorum import (
 )
 from shardkv.core.records import Record
 from shardkv.core.versions import SeenCounters, Version, VersionClock
+from shardkv.core.window import Room
 from shardkv.core.writes import WriteResult, next_tombstone, next_value
 from shardkv.errors import (
     NodeBusy,
@@ -447,6 +452,38 @@ class _Write:
             )
 
 
+ROOM_WAIT_FRACTION = 0.75
+"""The part of the timeout a write may wait for W of its replicas to have room."""
+MAX_WAITING = 256
+"""Writes that may wait for room at once; past it a write is refused at once."""
+
+
+class _Pending:
+    """A write waiting for room: what it will send, and the timer that gives up."""
+
+    __slots__ = ("epoch", "size", "targets", "timer", "w", "write")
+
+    def __init__(self, write: _Write, targets: list[Target], w: int, size: int, epoch: int) -> None:
+        self.write = write
+        self.targets = targets
+        self.w = w
+        self.size = size
+        self.epoch = epoch
+        self.timer: IDelayedCall | None = None
+
+
+def _overloaded(w: int, nodes: list[str], why: str) -> Overloaded:
+    return Overloaded(
+        f"W={w} replicas are needed but {', '.join(nodes)} "
+        f"{why if len(nodes) != 1 else why.replace('have', 'has', 1)}; "
+        "nothing was written, try again shortly",
+        acks=0,
+        required=w,
+        outcome="not_applied",
+        busy=nodes,
+    )
+
+
 class Coordinator:
     def __init__(
         self,
@@ -494,6 +531,11 @@ class Coordinator:
         self._reads_of_all = self.metrics.reads_of_all
         self._one_round_retries = self.metrics.one_round_retries
         self._one_round_fallbacks = self.metrics.one_round_fallbacks
+        self._waiting: list[_Pending] = []
+        """Writes waiting for room (L{_wait_for_room}), oldest first."""
+        self._admitting = False
+        self._freed_again = False
+        replica_client.room_freed = self._room_freed
 
     @property
     def repairs(self) -> int:
@@ -943,14 +985,68 @@ class Coordinator:
                 outcome="not_applied",
                 down=down,
             )
-        self._admit(quorum, targets, w, write_cost(key, record))
+        size = write_cost(key, record)
+        now = self._admit(quorum, targets, w, size)
         write = _Write(self, key, record, quorum, ring, preference, n, stale, tally)
+        if now:
+            self._send(write, targets, p.epoch)
+        else:
+            self._wait_for_room(_Pending(write, targets, w, size, p.epoch))
+        return write
+
+    def _send(self, write: _Write, targets: list[Target], epoch: int) -> None:
         put = self.replica_client.write_into
+        key, record = write.key, write.record
         for target in targets:
-            put(target.node, key, record, target.hint_for, p.epoch, write.ok, write.failed, target)
+            put(target.node, key, record, target.hint_for, epoch, write.ok, write.failed, target)
         write.sending = False
         write.landed()
-        return write
+
+    def _wait_for_room(self, pending: _Pending) -> None:
+        """Hold a write until W of its targets have room, for at most
+        L{ROOM_WAIT_FRACTION} of the timeout; then refuse it, nothing sent."""
+        if len(self._waiting) >= MAX_WAITING:
+            raise self._overloaded(pending, "have too much in flight")
+        seconds = self.replica_client.timeout * ROOM_WAIT_FRACTION
+        pending.timer = self.clock.callLater(seconds, self._gave_up, pending, seconds)
+        self._waiting.append(pending)
+
+    def _gave_up(self, pending: _Pending, seconds: float) -> None:
+        self._waiting.remove(pending)
+        done = pending.write.done
+        if not done.called:
+            done.errback(self._overloaded(pending, f"had no room within {seconds:g} s"))
+
+    def _room_freed(self) -> None:
+        """Send every waiting write that now finds room, oldest first."""
+        if not self._waiting:
+            return
+        if self._admitting:
+            self._freed_again = True
+            return
+        self._admitting = True
+        try:
+            self._freed_again = True
+            while self._freed_again:
+                self._freed_again = False
+                for pending in list(self._waiting):
+                    write = pending.write
+                    if write.done.called:  # its caller gave up
+                        self._forget(pending)
+                    elif self._fits(pending.targets, pending.w, pending.size, write.quorum)[0]:
+                        self._forget(pending)
+                        self._send(write, pending.targets, pending.epoch)
+        finally:
+            self._admitting = False
+
+    def _forget(self, pending: _Pending) -> None:
+        self._waiting.remove(pending)
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+
+    def _overloaded(self, pending: _Pending, why: str) -> Overloaded:
+        _, busy = self._fits(pending.targets, pending.w, pending.size, pending.write.quorum)
+        return _overloaded(pending.w, sorted({t.node for t in busy}), why)
 
     @staticmethod
     def _write_error(write: _Write, w: int) -> QuorumUnavailable:
@@ -987,32 +1083,48 @@ class Coordinator:
             outcome="unknown",
         )
 
-    def _admit(self, quorum: AnyWriteQuorum, targets: list[Target], w: int, size: int) -> None:
-        """Refuse the write, before anything is sent, unless W targets have room for it."""
+    def _admit(self, quorum: AnyWriteQuorum, targets: list[Target], w: int, size: int) -> bool:
+        """Whether the write may be sent now (W of its targets have room in their
+        windows) or must wait for room (W would have room under their caps);
+        raises L{Overloaded}, before anything is sent, if neither."""
+        fits, busy = self._fits(targets, w, size, quorum)
+        if fits:
+            return True
+        _, full = self._fits(targets, w, size, quorum, under_cap=True)
+        if self._reachable(quorum, w, full):
+            return False
+        raise _overloaded(w, sorted({t.node for t in busy}), "have too much in flight")
+
+    def _fits(
+        self,
+        targets: list[Target],
+        w: int,
+        size: int,
+        quorum: AnyWriteQuorum,
+        under_cap: bool = False,
+    ) -> tuple[bool, list[Target]]:
+        """Whether W of ``targets`` have room for ``size`` bytes (in their
+        windows, or ``under_cap``), and the targets that have none."""
+        room_for = self.replica_client.room_for
         need: dict[str, int] = {}
         busy: list[Target] = []
         for target in targets:
             need[target.node] = need.get(target.node, 0) + size
-            if not self.replica_client.has_room(target.node, need[target.node]):
+            room = room_for(target.node, need[target.node])
+            if room is not Room.FREE and not (under_cap and room is Room.WINDOW_FULL):
                 busy.append(target)
         if not busy:
-            return
+            return True, busy
+        return self._reachable(quorum, w, busy), busy
+
+    @staticmethod
+    def _reachable(quorum: AnyWriteQuorum, w: int, without: list[Target]) -> bool:
+        """Could ``quorum`` still reach W if every target in ``without`` failed?"""
         probe: AnyWriteQuorum
         if isinstance(quorum, JointWriteQuorum):
             probe = JointWriteQuorum(quorum.sets, w, dict(quorum.replies))
         else:
             probe = WriteQuorum(quorum.targets, w, quorum.sloppy, dict(quorum.replies))
-        for target in busy:
+        for target in without:
             probe.add(target, Reply.FAILED)
-        if probe.reachable():
-            return
-        nodes = sorted({t.node for t in busy})
-        raise Overloaded(
-            f"W={w} replicas are needed but {', '.join(nodes)} "
-            f"{'has' if len(nodes) == 1 else 'have'} too much in flight; "
-            "nothing was written, try again shortly",
-            acks=0,
-            required=w,
-            outcome="not_applied",
-            busy=nodes,
-        )
+        return probe.reachable()

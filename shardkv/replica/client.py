@@ -9,14 +9,17 @@ whether the request may have been applied (``sent``), L{NodeBusy} that it was
 not sent, L{ReplicaRefused} that the node answered with an error of its own,
 L{BadReplicaAnswer} that its answer made no sense.
 
-Each node gets at most ``node_inflight_bytes`` of records in flight (single-key
-writes and batched ones alike, counted from the call until its answer, failure
-or cancellation; a record costs its value, key and content type plus
-L{RECORD_OVERHEAD}, so a full node takes no tombstones either). Past it a write fails at once with
-L{NodeBusy}, nothing sent: a slow node then costs the proxy a bounded amount
-of memory, and the caller learns "busy" in microseconds instead of a timeout
-seconds later that looks like a failure. A write to an idle node always goes,
-whatever its size, so a cap below the largest value cannot starve it.
+Each node gets a window of record bytes in flight (single-key writes and
+batched ones alike, counted from the call until its answer, failure or
+cancellation; a record costs its value, key and content type plus
+L{RECORD_OVERHEAD}, so a full node takes no tombstones either). Past it a
+write fails at once with L{NodeBusy}, nothing sent: a slow node then costs the
+proxy a bounded amount of memory, and the caller learns "busy" in
+microseconds instead of a timeout seconds later that looks like a failure.
+The window is at most ``node_inflight_bytes``, and is what the node has
+lately been answering in a quarter of the timeout (L{shardkv.core.window}),
+so that what a busy node is given it answers in time. A write to an idle node always
+goes, whatever its size, so a cap below the largest value cannot starve it.
 
 With a pipeline depth above zero, replica reads and writes of small records
 go through one L{NodePipeline} per node and travel in batches.
@@ -61,8 +64,10 @@ from twisted.web.client import (
 
 from shardkv.core.records import Record
 from shardkv.core.versions import VersionError
+from shardkv.core.window import ByteWindow, Room
 from shardkv.errors import (
     BadReplicaAnswer,
+    ClientStopped,
     NodeBusy,
     NodeHasNewerMap,
     NodeTimeout,
@@ -118,6 +123,10 @@ write throughput, so a busy node stays busy while the proxy's memory for it
 stays bounded."""
 
 
+TARGET_FRACTION = 0.25
+"""The part of the timeout a node's window keeps its answers within (L{ByteWindow})."""
+
+
 RECORD_OVERHEAD = 64
 """Bytes a replica write costs beyond its key, value and content type: the
 version, headers and framing, rounded up."""
@@ -163,12 +172,24 @@ def _failed_to(failure: Failure, failed: Callable[[BaseException, Any], object],
     failed(cast(BaseException, failure.value), tag)
 
 
+class _Sent:
+    """A write counted against its node's window: what its end hands back."""
+
+    __slots__ = ("at", "in_flight", "node", "size")
+
+    def __init__(self, node: str, size: int, in_flight: int, at: float) -> None:
+        self.node = node
+        self.size = size
+        self.in_flight = in_flight
+        self.at = at
+
+
 class _Then:
     """Where one pipelined operation's outcome goes (L{ReplicaClient.get_into},
     L{ReplicaClient.write_into}): the caller's functions and tag, and what the
     client needs to finish it (its node, latency start, bytes to release)."""
 
-    __slots__ = ("epoch", "failed", "key", "node", "ok", "size", "started", "tag")
+    __slots__ = ("epoch", "failed", "key", "node", "ok", "sent", "started", "tag")
 
     def __init__(
         self,
@@ -179,7 +200,7 @@ class _Then:
         ok: Callable[[Any, Any], object],
         failed: Callable[[BaseException, Any], object],
         tag: Any,
-        size: int,
+        sent: _Sent | None = None,
     ) -> None:
         self.node = node
         self.key = key
@@ -188,7 +209,7 @@ class _Then:
         self.ok = ok
         self.failed = failed
         self.tag = tag
-        self.size = size
+        self.sent = sent
 
 
 class _Exchange:
@@ -284,9 +305,12 @@ class ReplicaClient:
         """Called with a node and its epoch when it took a call of an older one
         (its grace, L{shardkv.replica.protocol.FENCE_GRACE}): time to fetch the map."""
         """Called with the map of every ``stale_epoch`` answer (the proxy installs it)."""
-        self.node_inflight_bytes = node_inflight_bytes
-        self.inflight_bytes: dict[str, int] = {}
+        self._node_inflight_bytes = node_inflight_bytes
+        self.windows: dict[str, ByteWindow] = {}
+        """Each node's window of record bytes in flight, once it was written to."""
         self.busy: dict[str, int] = {}
+        self.room_freed: Callable[[], object] | None = None
+        """Called whenever a write's bytes stop counting against its node's window."""
         self.metrics = metrics if metrics is not None else ReplicaMetrics.private()
         self.metrics.watch(self.queue_depths)
 
@@ -347,6 +371,19 @@ class ReplicaClient:
         self.timeout = seconds
         for pipeline in self.pipelines.values():
             pipeline.set_timeout(seconds)
+        for window in self.windows.values():
+            window.resize(target=seconds * TARGET_FRACTION)
+
+    @property
+    def node_inflight_bytes(self) -> int:
+        """The most record bytes any node may have in flight (its window's ceiling)."""
+        return self._node_inflight_bytes
+
+    @node_inflight_bytes.setter
+    def node_inflight_bytes(self, limit: int) -> None:
+        self._node_inflight_bytes = limit
+        for window in self.windows.values():
+            window.resize(ceiling=limit)
 
     def pipeline_stats(self, node: str) -> dict[str, dict[str, int]]:
         """Batches and operations sent so far to ``node``, and what is waiting;
@@ -365,29 +402,58 @@ class ReplicaClient:
                 "ops": meter.ops,
             }
         stats = dict(sorted(stats.items()))
-        if node in self.inflight_bytes:
+        window = self.windows.get(node)
+        if window is not None:
             stats["bytes"] = {
-                "in_flight": self.inflight_bytes[node],
-                "limit": self.node_inflight_bytes,
+                "in_flight": window.used,
+                "window": window.limit,
+                "limit": window.ceiling,
                 "busy": self.busy.get(node, 0),
             }
         return stats
 
+    def window(self, node: str) -> ByteWindow:
+        """``node``'s window of record bytes in flight (a new one the first time)."""
+        window = self.windows.get(node)
+        if window is None:
+            window = ByteWindow(self._node_inflight_bytes, self.timeout * TARGET_FRACTION)
+            self.windows[node] = window
+        return window
+
     def has_room(self, node: str, size: int) -> bool:
         """Would a write costing ``size`` (L{write_cost}) to ``node`` be sent now?"""
-        used = self.inflight_bytes.get(node, 0)
-        return used == 0 or used + size <= self.node_inflight_bytes
+        return self.room_for(node, size) is Room.FREE
 
-    def _admit(self, node: str, size: int) -> NodeBusy | None:
+    def room_for(self, node: str, size: int) -> Room:
+        """L{has_room}, and if not, whether ``size`` fits under ``node``'s cap."""
+        window = self.windows.get(node)
+        return Room.FREE if window is None else window.room(size)
+
+    def _admit(self, node: str, size: int) -> NodeBusy | _Sent:
         """Count ``size`` bytes as in flight to ``node``, or say why not."""
-        if not self.has_room(node, size):
+        window = self.window(node)
+        if window.room(size) is not Room.FREE:
             self.busy[node] = self.busy.get(node, 0) + 1
-            return NodeBusy(node, self.inflight_bytes[node], "bytes of records in flight")
-        self.inflight_bytes[node] = self.inflight_bytes.get(node, 0) + size
-        return None
+            return NodeBusy(node, window.used, "bytes of records in flight")
+        return _Sent(node, size, window.take(size), self._clock.seconds())
 
-    def _release(self, result: Any, node: str, size: int) -> Any:
-        self.inflight_bytes[node] -= size
+    def _landed(self, sent: _Sent, outcome: object) -> None:
+        """A write's bytes stop counting. Its answer (an error the node sent
+        included) or its timeout is a sample of the node's speed."""
+        window = self.windows[sent.node]
+        if isinstance(outcome, Failure):
+            outcome = outcome.value
+        if isinstance(outcome, BaseException) and not isinstance(
+            outcome, NodeTimeout | ReplicaRefused | BadReplicaAnswer
+        ):
+            window.release(sent.size)
+        else:
+            window.answered(sent.size, sent.in_flight, sent.at, self._clock.seconds())
+        if self.room_freed is not None:
+            self.room_freed()
+
+    def _release(self, result: Any, sent: _Sent) -> Any:
+        self._landed(sent, result)
         return result
 
     async def send_batch(
@@ -460,6 +526,8 @@ class ReplicaClient:
             )
         except ValueError as e:  # a host no URL can name (IDNA), so nothing was sent
             return fail(NodeUnreachable(node, f"not a usable address: {e}", sent=False))
+        except ClientStopped:
+            return fail(NodeUnreachable(node, "this process is shutting down", sent=False))
         except Exception:
             return fail()
         return _Exchange(self, node, seconds, requested).d
@@ -536,7 +604,7 @@ class ReplicaClient:
             d.addBoth(self.metrics.node(node).got, started)
             d.addCallbacks(ok, _failed_to, callbackArgs=(tag,), errbackArgs=(failed, tag))
             return d
-        then = _Then(node, key, epoch, started, ok, failed, tag, 0)
+        then = _Then(node, key, epoch, started, ok, failed, tag)
         return pipeline.submit_to(codec.GetOp(key), self._got_into, then)
 
     def _got_into(self, outcome: codec.Result | BaseException, then: _Then) -> None:
@@ -578,23 +646,23 @@ class ReplicaClient:
         (see L{get_into}). L{NodeBusy} comes at once, nothing sent."""
         started = now()
         size = write_cost(key, record)
-        busy = self._admit(node, size)
-        if busy is not None:
-            self.metrics.node(node).failed("put", busy, started)
-            failed(busy, tag)
+        sent = self._admit(node, size)
+        if isinstance(sent, NodeBusy):
+            self.metrics.node(node).failed("put", sent, started)
+            failed(sent, tag)
             return
         pipeline = self._pipeline(node, "write", epoch)
         if pipeline is None or not codec.fits(record):
             d = Deferred.fromCoroutine(self._replica_put_alone(node, key, record, hint_for, epoch))
-            d.addBoth(self._release, node, size)
+            d.addBoth(self._release, sent)
             d.addBoth(self.metrics.node(node).put, started)
             d.addCallbacks(ok, _failed_to, callbackArgs=(tag,), errbackArgs=(failed, tag))
             return
-        then = _Then(node, key, epoch, started, ok, failed, tag, size)
+        then = _Then(node, key, epoch, started, ok, failed, tag, sent)
         pipeline.submit_to(codec.PutOp(key, record, hint_for), self._put_into, then)
 
     def _put_into(self, outcome: codec.Result | BaseException, then: _Then) -> None:
-        self.inflight_bytes[then.node] -= then.size
+        self._landed(cast(_Sent, then.sent), outcome)
         ops = self.metrics.node(then.node)
         if isinstance(outcome, codec.Result):
             if outcome.status == 200:
@@ -653,9 +721,9 @@ class ReplicaClient:
         from a node that does not say)."""
         started = now()
         size = write_cost(key, record)
-        busy = self._admit(node, size)
-        if busy is not None:
-            return fail(busy).addErrback(self.metrics.node(node).put, started)
+        sent = self._admit(node, size)
+        if isinstance(sent, NodeBusy):
+            return fail(sent).addErrback(self.metrics.node(node).put, started)
         pipeline = self._pipeline(node, "write", epoch)
         put: Deferred[Any]
         if pipeline is None or not codec.fits(record):
@@ -664,7 +732,7 @@ class ReplicaClient:
             )
         else:
             put = pipeline.submit(codec.PutOp(key, record, hint_for)).addCallback(self._put, node)
-        put.addBoth(self._release, node, size)
+        put.addBoth(self._release, sent)
         return put.addBoth(self.metrics.node(node).put, started)
 
     def _put(self, result: codec.Result, node: str) -> codec.Result:

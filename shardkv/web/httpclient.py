@@ -44,6 +44,7 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.http_headers import Headers
 
+from shardkv.errors import ClientStopped
 from shardkv.web.agent import PersistentAgent, body_producer
 
 AUTHORIZATION = b"Authorization"
@@ -254,7 +255,7 @@ class HTTPClientService(Service):
         refused (L{TypeError}): the cluster's calls carry none (L{NoCookies}).
         """
         if self.http is None:
-            raise RuntimeError("the HTTP client service is not running")
+            raise ClientStopped("the HTTP client service is not running")
         if "cookies" in kwargs:
             raise TypeError("the cluster's HTTP client sends no cookies")
         if self._authorization is not None:

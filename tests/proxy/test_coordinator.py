@@ -27,16 +27,21 @@ from unittest import mock
 from urllib.parse import quote
 
 from treq.testing import StubTreq
-from twisted.internet.defer import fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
+from shardkv.core.conditions import Precondition
+from shardkv.core.quorum import Consistency
 from shardkv.core.records import Record
 from shardkv.core.versions import Version, VersionClock
+from shardkv.core.window import Room
 from shardkv.errors import NodeBusy, NodeUnreachable, StorageFull
+from shardkv.proxy import coordinator as coordinator_module
 from shardkv.proxy.app import ProxyApp
-from shardkv.proxy.coordinator import ONE_ROUND_ATTEMPTS, Coordinator
+from shardkv.proxy.coordinator import ONE_ROUND_ATTEMPTS, ROOM_WAIT_FRACTION, Coordinator
 from shardkv.proxy.health import HealthMonitor
 from shardkv.proxy.hints import HintKeeper
+from shardkv.replica.client import write_cost
 from shardkv.storage.memory import MemoryEngine
 from shardkv.testing.history import History, Op, check_final, check_reads
 from shardkv.testing.memory import PROXY_WRITER
@@ -818,6 +823,97 @@ class OverloadTests(ClusterCase):
             self.cluster.clock.advance(TIMEOUT + 0.01)  # the filler times out
             deliver_hints(self, self.cluster)
             self.assertEqual(self.versions("k", [busy]), [version_of(reply)], position)
+
+    def slow(self, *nodes: str, cap: int = 1000) -> None:
+        """Give each of ``nodes`` the smallest window (as after late answers),
+        filled by a write that hangs: room under its cap, none in its window."""
+        client = self.cluster.replica_client
+        client.node_inflight_bytes = cap
+        for node in nodes:
+            self.faults.hang_writes.add(node)
+            window = client.window(node)
+            window.limit = window.floor
+            filler = Record(Version(1, 1, "filler"), b"f" * 10, "text/plain")
+            client.replica_put(node, "filler", filler).addErrback(lambda _: None)
+            self.assertEqual(window.room(write_cost("k", filler)), Room.WINDOW_FULL)
+
+    def test_a_write_waits_for_room_in_slow_replicas_windows(self) -> None:
+        """
+        With two of the three home replicas' windows full (under their caps),
+        a PUT waits, nothing sent; once one of their writes in flight ends, W
+        have room and it is sent and acknowledged, and nobody is marked down.
+        """
+        self.use(3)
+        home = home_replicas(self.cluster, "k")
+        self.slow(*home[:2])
+        self.cluster.clock.advance(TIMEOUT * 0.75)
+        d = self.http.start("PUT", kv("k"), b"v", {})
+        self.http.pump(d)
+        self.assertNoResult(d)
+        self.assertEqual(self.faults.writes("k"), [])
+        self.faults.hang_writes.clear()
+        self.cluster.clock.advance(TIMEOUT * 0.25 + 0.01)  # the fillers time out
+        reply = self.http.finish(d)
+        self.assertEqual(reply.code, 201, reply.body)
+        sent_to = {c.node for c in self.faults.writes("k")}
+        self.assertIn(home[2], sent_to)  # sent once W had room: the first filler's end
+        self.assertGreaterEqual(len(sent_to), 2)
+        settle(self.cluster)
+        self.assertEqual([self.cluster.health.is_down(n) for n in home], [False] * 3)
+
+    def test_a_write_that_finds_no_room_in_time_is_overloaded_unsent(self) -> None:
+        """
+        If W replicas have no room within 3/4 of the timeout, the write is
+        refused whole: 503 overloaded, outcome not_applied, the busy nodes
+        named, nothing sent and no hint left.
+        """
+        self.use(3)
+        home = home_replicas(self.cluster, "k")
+        self.slow(*home[:2])
+        d = self.http.start("PUT", kv("k"), b"v", {})
+        self.http.pump(d)
+        self.cluster.clock.advance(TIMEOUT * ROOM_WAIT_FRACTION - 0.01)
+        self.assertNoResult(d)
+        self.cluster.clock.advance(0.02)
+        reply = self.http.finish(d)
+        self.assertOverloaded(
+            reply, acks=0, required=2, outcome="not_applied", busy=sorted(home[:2])
+        )
+        self.assertIn(
+            f"had no room within {TIMEOUT * ROOM_WAIT_FRACTION:g} s", reply.json()["message"]
+        )
+        self.assertEqual(self.faults.writes("k"), [])
+        self.faults.hang_writes.clear()
+        self.cluster.clock.advance(TIMEOUT)
+        settle(self.cluster)
+        self.no_hints()
+
+    def test_a_write_past_the_waiting_cap_is_refused_at_once(self) -> None:
+        """Writes waiting for room are capped; the next one is overloaded at once."""
+        self.use(3)
+        self.slow(*home_replicas(self.cluster, "k")[:2])
+        with mock.patch.object(coordinator_module, "MAX_WAITING", 1):
+            waiting = self.http.start("PUT", kv("k"), b"1", {})
+            self.http.pump(waiting)
+            self.assertNoResult(waiting)
+            self.assertOverloaded(self.now("PUT", kv("k"), b"2"), outcome="not_applied")
+        self.cluster.clock.advance(TIMEOUT)
+        self.assertOverloaded(self.http.finish(waiting), outcome="not_applied")
+
+    def test_a_write_whose_caller_left_while_waiting_is_never_sent(self) -> None:
+        self.use(3)
+        home = home_replicas(self.cluster, "k")
+        self.slow(*home[:2])
+        coordinator = self.cluster.coordinator
+        d = Deferred.fromCoroutine(coordinator.write("k", b"v", "", Precondition(), Consistency()))
+        self.assertNoResult(d)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.faults.hang_writes.clear()
+        self.cluster.clock.advance(TIMEOUT + 0.01)  # room again, at once
+        settle(self.cluster)
+        self.assertEqual(self.faults.writes("k"), [])
+        self.assertEqual(coordinator._waiting, [])
 
     def test_busy_at_send_time_everywhere_is_overloaded(self) -> None:
         """

@@ -35,6 +35,7 @@ from twisted.web.server import Request
 
 from shardkv.core.records import Record
 from shardkv.core.versions import Version
+from shardkv.core.window import START_FRACTION
 from shardkv.errors import (
     BadReplicaAnswer,
     NodeBusy,
@@ -46,6 +47,7 @@ from shardkv.errors import (
 from shardkv.replica.client import (
     DEFAULT_NODE_INFLIGHT_BYTES,
     RECORD_OVERHEAD,
+    TARGET_FRACTION,
     ReplicaClient,
     write_cost,
 )
@@ -53,11 +55,13 @@ from shardkv.replica.codec import (
     MAX_INLINE_VALUE,
     GetOp,
     Result,
+    decode_request,
     encode_response,
     fits,
 )
 from shardkv.storage.memory import MemoryEngine
 from shardkv.testing.memory import FaultyHTTP, MemoryCluster, make_node
+from shardkv.web.httpclient import HTTPClientService
 from tests.helpers import (
     HTTP,
     NODES_3,
@@ -356,8 +360,12 @@ class Counting:
 
 
 def capped(cap: int, depth: int = 0) -> tuple[ReplicaClient, Counting, MemoryReactorClock]:
+    """A client whose nodes' windows are open to ``cap`` (as after a slow start)."""
     http, clock = Counting(), MemoryReactorClock()
-    return ReplicaClient(http, clock, TIMEOUT, depth, node_inflight_bytes=cap), http, clock
+    client = ReplicaClient(http, clock, TIMEOUT, depth, node_inflight_bytes=cap)
+    for node in (NODE_ID, OTHER_NODE):
+        client.window(node).resize(ceiling=cap)
+    return client, http, clock
 
 
 def value_of(size: int) -> Record:
@@ -400,7 +408,8 @@ def test_a_write_past_the_cap_fails_at_once_and_is_not_sent() -> None:
     fits_exactly = client.replica_put(NODE_ID, "c", value_of(4))
     elsewhere = client.replica_put(OTHER_NODE, "d", value_of(cap))
     assert len(http.sent) == 3
-    assert client.pipeline_stats(NODE_ID) == {"bytes": {"in_flight": cap, "limit": cap, "busy": 1}}
+    stats = client.pipeline_stats(NODE_ID)
+    assert stats == {"bytes": {"in_flight": cap, "window": cap, "limit": cap, "busy": 1}}
     assert isinstance(error_of(client.replica_put(NODE_ID, "e", Record.deleted(V1))), NodeBusy)
 
     clock.advance(TIMEOUT)
@@ -462,6 +471,126 @@ def test_bytes_are_freed_by_an_answer_a_failure_and_a_cancellation(call: str) ->
     assert in_flight(client) == write_cost("k", Record(V1, b"v"))
     d.cancel()
     assert type(error_of(d)) is CancelledError
+    assert in_flight(client) == 0
+
+
+class Held:
+    """An HTTP client whose answers (from ``inner``) wait until the test lets them go."""
+
+    def __init__(self, inner: StubTreq) -> None:
+        self.inner: Any = inner  # StubTreq's request methods are made at run time
+        self.waiting: list[tuple[Deferred[Any], str, bytes, dict[str, Any]]] = []
+
+    def request(self, method: str, url: bytes, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.waiting.append((d, method, url, kwargs))
+        return d
+
+    def answer(self) -> None:
+        """Answer every request sent so far, and those sent as they are answered."""
+        while self.waiting:
+            waiting, self.waiting = self.waiting, []
+            for d, method, url, kwargs in waiting:
+                self.inner.request(method, url, **kwargs).chainDeferred(d)
+            self.inner.flush()
+
+
+class BatchApplied(Resource):
+    """A node that applies every write of every batch it is sent."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        assert request.content is not None
+        ops = decode_request(request.content.read())
+        return encode_response([Result(200, applied=True)] * len(ops))
+
+
+def window_of(client: ReplicaClient) -> int:
+    return client.pipeline_stats(NODE_ID)["bytes"]["window"]
+
+
+BIG = 1000
+"""The value size of the writes that steer windows here (a cost(BIG) is the floor)."""
+
+
+@pytest.mark.parametrize("call", ["put", "pipelined put"])
+def test_a_node_that_answers_slowly_gets_a_smaller_window(call: str) -> None:
+    """
+    Four writes answered after a whole second show a node slower than a
+    window of four writes can take within a quarter of the timeout: its window
+    shrinks, and a write past it is refused unsent (NodeBusy) though it is
+    under the cap; writes answered at once open it back to the cap.
+    """
+    stub = StubTreq(Scripted(body=b'{"applied": true}'))
+    if "pipelined" in call:
+        stub = StubTreq(BatchApplied())
+    http, clock = Held(stub), MemoryReactorClock()
+    cap = 16 * cost(BIG)
+    client = ReplicaClient(http, clock, TIMEOUT, 1 if "pipelined" in call else 0)
+    client.node_inflight_bytes = cap
+    client.window(NODE_ID).resize(ceiling=cap)  # open, as after a fast start
+    slow = [client.replica_put(NODE_ID, "k", value_of(BIG)) for _ in range(4)]
+    clock.advance(1.0)
+    http.answer()
+    assert [outcome(d) for d in slow] == [True] * 4
+    shrunk = window_of(client)
+    assert shrunk < 4 * cost(BIG), shrunk
+
+    sent = []
+    while window_of(client) - in_flight(client) >= cost(BIG):
+        sent.append(client.replica_put(NODE_ID, "k", value_of(BIG)))
+    busy = error_of(client.replica_put(NODE_ID, "k", value_of(BIG)))
+    assert isinstance(busy, NodeBusy), busy
+    assert in_flight(client) + cost(BIG) <= cap
+    http.answer()
+    assert [outcome(d) for d in sent] == [True] * len(sent)
+    for _ in range(20):
+        fast = [client.replica_put(NODE_ID, "k", value_of(BIG)) for _ in range(4)]
+        http.answer()
+        assert [outcome(d) for d in fast] == [True] * 4
+    assert window_of(client) == cap
+
+
+def test_timeouts_shrink_the_window_and_a_refused_connection_does_not() -> None:
+    """A hung node's timeouts show it slow; a refused connection says nothing of speed."""
+    network = FaultyHTTP(StubTreq(Scripted()))
+    clock = MemoryReactorClock()
+    cap = 16 * cost(BIG)
+    client = ReplicaClient(network, clock, TIMEOUT, node_inflight_bytes=cap)
+    window = client.window(NODE_ID)
+    network.down.add(NODE_ID)
+    refused = [client.replica_put(NODE_ID, "k", value_of(BIG)) for _ in range(4)]
+    assert all(isinstance(error_of(d), NodeUnreachable) for d in refused)
+    assert (window.limit, window.rate, in_flight(client)) == (cap // START_FRACTION, None, 0)
+    network.down.clear()
+    network.hung.add(NODE_ID)
+    hung = [client.replica_put(NODE_ID, "k", value_of(BIG)) for _ in range(2)]
+    clock.advance(TIMEOUT)
+    assert all(isinstance(error_of(d), NodeTimeout) for d in hung)
+    assert (window.limit, in_flight(client)) == (window.floor, 0)
+
+
+def test_a_reload_moves_the_window_target_and_cap() -> None:
+    client = ReplicaClient(FaultyHTTP(StubTreq(Scripted())), MemoryReactorClock(), TIMEOUT)
+    client.replica_put(NODE_ID, "k", value_of(1)).addErrback(lambda _: None)
+    client.set_timeout(4.0)
+    client.node_inflight_bytes = 1000
+    window = client.windows[NODE_ID]
+    assert (window.target, window.ceiling, window.limit) == (4.0 * TARGET_FRACTION, 1000, 1000)
+
+
+def test_a_stopped_http_client_is_an_unreachable_node_and_nothing_is_sent() -> None:
+    """
+    Work still running when a process stops (a hint being handed back) meets
+    a stopped HTTP client: that is a node not reached, nothing sent, never an
+    unexpected error.
+    """
+    service = HTTPClientService(MemoryReactorClock())
+    client = ReplicaClient(service, MemoryReactorClock(), TIMEOUT)
+    got = error_of(client.replica_put(NODE_ID, "k", value_of(1)))
+    assert isinstance(got, NodeUnreachable), got
+    assert (got.sent, got.reason) == (False, "this process is shutting down")
     assert in_flight(client) == 0
 
 
@@ -649,7 +778,14 @@ class ClusterBatchingTests(SynchronousTestCase):
         self.assertEqual(self.cluster.replica_client.pipelines, {})
         self.assertEqual(
             self.cluster.replica_client.pipeline_stats(NODES_3[0]),
-            {"bytes": {"in_flight": 0, "limit": DEFAULT_NODE_INFLIGHT_BYTES, "busy": 0}},
+            {
+                "bytes": {
+                    "in_flight": 0,
+                    "window": DEFAULT_NODE_INFLIGHT_BYTES // START_FRACTION,
+                    "limit": DEFAULT_NODE_INFLIGHT_BYTES,
+                    "busy": 0,
+                }
+            },
         )
         self.assertTrue(self.faults.calls)
         self.assertTrue(all(c.path.startswith("/replica/kv/") for c in self.faults.calls))
