@@ -473,15 +473,19 @@ class _Pending:
 
 
 def _overloaded(w: int, nodes: list[str], why: str) -> Overloaded:
+    """The refusal of a write that ``nodes`` had no room for; ``why`` follows their names."""
     return Overloaded(
-        f"W={w} replicas are needed but {', '.join(nodes)} "
-        f"{why if len(nodes) != 1 else why.replace('have', 'has', 1)}; "
+        f"W={w} replicas are needed but {', '.join(nodes)} {why}; "
         "nothing was written, try again shortly",
         acks=0,
         required=w,
         outcome="not_applied",
         busy=nodes,
     )
+
+
+def _too_much(nodes: list[str]) -> str:
+    return f"{'has' if len(nodes) == 1 else 'have'} too much in flight"
 
 
 class Coordinator:
@@ -1006,7 +1010,7 @@ class Coordinator:
         """Hold a write until W of its targets have room, for at most
         L{ROOM_WAIT_FRACTION} of the timeout; then refuse it, nothing sent."""
         if len(self._waiting) >= MAX_WAITING:
-            raise self._overloaded(pending, "have too much in flight")
+            raise self._refusal(pending, None)
         seconds = self.replica_client.timeout * ROOM_WAIT_FRACTION
         pending.timer = self.clock.callLater(seconds, self._gave_up, pending, seconds)
         self._waiting.append(pending)
@@ -1015,7 +1019,7 @@ class Coordinator:
         self._waiting.remove(pending)
         done = pending.write.done
         if not done.called:
-            done.errback(self._overloaded(pending, f"had no room within {seconds:g} s"))
+            done.errback(self._refusal(pending, f"had no room within {seconds:g} s"))
 
     def _room_freed(self) -> None:
         """Send every waiting write that now finds room, oldest first."""
@@ -1044,9 +1048,11 @@ class Coordinator:
         if pending.timer is not None and pending.timer.active():
             pending.timer.cancel()
 
-    def _overloaded(self, pending: _Pending, why: str) -> Overloaded:
+    def _refusal(self, pending: _Pending, why: str | None) -> Overloaded:
+        """Why ``pending`` is refused (``why``; None: they have too much in flight)."""
         _, busy = self._fits(pending.targets, pending.w, pending.size, pending.write.quorum)
-        return _overloaded(pending.w, sorted({t.node for t in busy}), why)
+        nodes = sorted({t.node for t in busy})
+        return _overloaded(pending.w, nodes, why or _too_much(nodes))
 
     @staticmethod
     def _write_error(write: _Write, w: int) -> QuorumUnavailable:
@@ -1093,7 +1099,8 @@ class Coordinator:
         _, full = self._fits(targets, w, size, quorum, under_cap=True)
         if self._reachable(quorum, w, full):
             return False
-        raise _overloaded(w, sorted({t.node for t in busy}), "have too much in flight")
+        nodes = sorted({t.node for t in busy})
+        raise _overloaded(w, nodes, _too_much(nodes))
 
     def _fits(
         self,

@@ -420,12 +420,9 @@ class ReplicaClient:
             self.windows[node] = window
         return window
 
-    def has_room(self, node: str, size: int) -> bool:
-        """Would a write costing ``size`` (L{write_cost}) to ``node`` be sent now?"""
-        return self.room_for(node, size) is Room.FREE
-
     def room_for(self, node: str, size: int) -> Room:
-        """L{has_room}, and if not, whether ``size`` fits under ``node``'s cap."""
+        """Whether a write costing ``size`` (L{write_cost}) to ``node`` would be
+        sent now, and if not, whether it fits under ``node``'s cap."""
         window = self.windows.get(node)
         return Room.FREE if window is None else window.room(size)
 
